@@ -4,8 +4,18 @@ distributed setup, the learning-rate schedule, checkpoints, and the evaluation e
 stage reports. Plain functions; each script writes its own loop from these pieces.
 """
 import os
+import re
 import sys
+import ast
+import math
+import time
+import difflib
+import contextlib
+from types import SimpleNamespace
+
 import numpy as np
+import torch
+import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
 # errors and the entry point
@@ -98,3 +108,233 @@ def read_ragged(prefix):
         raise ValueError(f"{prefix}.* do not belong together (token, mask and offset counts differ): "
                          "re-run prepare_data.py --force")
     return tokens, mask, offsets
+
+# -----------------------------------------------------------------------------
+# config: nanoGPT's recipe (defaults, then a Python config file, then --key=value), except that a key
+# the script does not know or a value of the wrong type is an error instead of a silent new global
+
+def load_config(defaults, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ValueError(f"{arg}: overrides are written --key=value")
+            _set_config(config, defaults, key, _parse_value(text), arg)
+        else:
+            if not os.path.isfile(arg):
+                raise FileNotFoundError(f"config file {arg} does not exist")
+            namespace = {}
+            exec(compile(open(arg).read(), arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
+                    _set_config(config, defaults, key, value, arg)
+    return SimpleNamespace(**config)
+
+def _parse_value(text):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare string such as --init_from=resume
+
+def _set_config(config, defaults, key, value, source):
+    if key not in defaults:
+        close = difflib.get_close_matches(key, defaults, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(f"{source}: unknown config key '{key}'{hint}")
+    default = defaults[key]
+    if default is not None and value is not None:
+        if isinstance(default, bool) or isinstance(value, bool):
+            ok = isinstance(default, bool) and isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float))
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise ValueError(f"{source}: {key} must be {type(default).__name__}, got {value!r}")
+    config[key] = value
+
+# -----------------------------------------------------------------------------
+# devices, processes, precision
+
+def setup_distributed(device="auto"):
+    """One process, or one of many under torchrun (nccl on GPUs, gloo on CPUs; torchrun's own flags
+    take it across nodes). Rank 0 is the master: it alone writes files and logs."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else \
+                 "mps" if torch.backends.mps.is_available() else "cpu"
+    rank, local_rank, world_size = 0, 0, 1
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size,
+                           device=torch.device(device), master=rank == 0)
+
+def resolve_dtype(dtype, device):
+    """The training dtype actually used: bf16 falls back to fp16 (with a GradScaler) on GPUs without it."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("this GPU has no bf16: training in float16 with a GradScaler")
+        return "float16"
+    return dtype
+
+def autocast(device, dtype):
+    """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+def measure_peak_flops(device, dtype, size=2048, seconds=1.0):
+    """The device's achievable matmul FLOP/s in dtype, measured (not a datasheet number): MFU's denominator."""
+    torch_dtype = getattr(torch, dtype)
+    a = torch.randn(size, size, device=device, dtype=torch_dtype)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    a @ b  # warm up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        sync()
+    return 2 * size ** 3 * count / (time.perf_counter() - start)
+
+# -----------------------------------------------------------------------------
+# learning-rate schedules
+
+def lr_at(step, max_steps, learning_rate, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
+          min_lr_rate=0.0, decay_shape="linear"):
+    """Warmup-stable-decay (linear warmup to the peak, constant, then decay to min_lr_rate x peak in the
+    last decay_ratio of training; the decay is linear or 1-sqrt, arXiv 2405.18392), or warmup + cosine.
+    WSD lets training continue from any stable-phase checkpoint: only the final decay is re-run."""
+    warmup_steps = int(warmup_ratio * max_steps)
+    min_lr = min_lr_rate * learning_rate
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule != "wsd":
+        raise ValueError(f"schedule must be 'wsd' or 'cosine', got {schedule!r}")
+    decay_start = max_steps - int(decay_ratio * max_steps)
+    if step < decay_start:
+        return learning_rate
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    if decay_shape == "linear":
+        remaining = 1 - progress
+    elif decay_shape == "sqrt":
+        remaining = 1 - math.sqrt(progress)
+    else:
+        raise ValueError(f"decay_shape must be 'linear' or 'sqrt', got {decay_shape!r}")
+    return min_lr + (learning_rate - min_lr) * remaining
+
+# -----------------------------------------------------------------------------
+# checkpoints: out_dir/ckpt_{step}.pt, written to a temp name and renamed, so a file under the final
+# name is complete (the rename is the "done" marker); the newest keep_last are kept
+
+def checkpoint_paths(out_dir):
+    """Complete checkpoints in out_dir, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    names = [n for n in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", n)]
+    return [os.path.join(out_dir, n) for n in sorted(names)]
+
+def is_checkpoint(path):
+    """A nanodoge checkpoint file, or a directory holding some."""
+    return os.path.isfile(path) or bool(checkpoint_paths(path))
+
+def save_checkpoint(out_dir, step, state, keep_last=2):
+    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
+    atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
+    for old_path in checkpoint_paths(out_dir)[:-max(1, keep_last)]:
+        os.remove(old_path)
+    return path
+
+def load_checkpoint(path):
+    if os.path.isdir(path):
+        paths = checkpoint_paths(path)
+        if not paths:
+            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}: train one first")
+        path = paths[-1]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable nanodoge checkpoint ({type(e).__name__})") from None
+
+def load_model(init_from, device="cpu"):
+    """(model, tokenizer, checkpoint) from a nanodoge out dir or ckpt file (checkpoint is its dict), or
+    from a Hugging Face-format directory or hub id (checkpoint is None)."""
+    from model import Doge, DogeConfig
+    from tokenizer import load_tokenizer, tokenizer_from_state
+    if is_checkpoint(init_from):
+        checkpoint = load_checkpoint(init_from)
+        if "tokenizer" not in checkpoint:
+            raise ValueError(f"{init_from} holds no tokenizer metadata: it was not written by nanodoge")
+        model = Doge(DogeConfig(**checkpoint["model_config"]))
+        load_state_dict_checked(model, checkpoint["model"], init_from)
+        tok = tokenizer_from_state(checkpoint["tokenizer"])
+    else:
+        if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
+            raise FileNotFoundError(f"{init_from} holds neither ckpt_*.pt nor config.json: "
+                                    "train a model first or pass init_from=<checkpoint>")
+        model, checkpoint = Doge.from_pretrained(init_from), None
+        tok = load_tokenizer(init_from)
+    return model.to(device), tok, checkpoint
+
+def load_state_dict_checked(model, state_dict, source):
+    """load_state_dict, with a shape or key mismatch said in one line (a checkpoint of another shape)."""
+    expected = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key in expected and expected[key].shape != tensor.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)} but this model expects "
+                             f"{tuple(expected[key].shape)}: the checkpoint is of another architecture")
+    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"{source}: checkpoint does not fit the model (missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]})")
+    model.load_state_dict(state_dict)
+
+# -----------------------------------------------------------------------------
+# what the post-training stages share
+
+def token_logprobs(logits, labels):
+    """log p(labels[t] | logits[t]) per position, in float32; labels of -1 give 0 (mask them out anyway)."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * (labels >= 0)
+
+@torch.no_grad()
+def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
+    """Greedy answers to chat prompts, scored by exact match of the <answer> content with example["answer"].
+    Prompts are batched by length (generate takes equal-length batches). Returns (accuracy, completions)."""
+    from tokenizer import render_chat, extract_answer, normalize_answer
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
+    prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
+    by_length = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    completions = [None] * len(examples)
+    for length, indices in sorted(by_length.items()):
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            idx = torch.tensor([prompts[i] for i in chunk], device=device)
+            out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids)
+            for i, row in zip(chunk, out[:, length:].tolist()):
+                row = row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))]
+                completions[i] = tok.decode(row)
+    model.train(was_training)
+    correct = sum(extract_answer(c) == normalize_answer(str(ex["answer"]))
+                  for c, ex in zip(completions, examples))
+    return correct / max(1, len(examples)), completions

@@ -1,0 +1,323 @@
+"""
+Pre-train a Doge model on a memory-mapped uint16 token file, nanoGPT style.
+
+    python train_pt.py config/doge_tiny.py                       # offline quickstart on a laptop CPU
+    torchrun --nproc_per_node=8 train_pt.py config/doge_160m.py  # DDP on one node
+    torchrun --nproc_per_node=8 train_pt.py config/doge_160m.py --backend=deepspeed --zero_stage=2
+
+The loop here (`train`) is the one every supervised stage uses: train_sft.py and train_dpo.py import it
+and hand it their own batch_loss and evaluate functions.
+"""
+import os
+import json
+import math
+import time
+import signal
+import dataclasses
+import contextlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from model import Doge, DogeConfig
+from tokenizer import load_tokenizer
+
+MODEL_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "keep_window_size", "tie_word_embeddings",
+              "rope_theta", "hidden_dropout", "is_moe", "num_experts", "num_experts_per_tok"]
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out/pt",
+    init_from="scratch",  # scratch | resume | <ckpt file or out dir> | <Hugging Face dir or hub id>
+    data_dir="data/shakespeare",
+    eval_interval=200, eval_batches=20, log_interval=10, ckpt_interval=200, keep_last=2,
+    # model: DogeConfig fields (vocab_size None = the data's tokenizer's)
+    vocab_size=None, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
+    num_key_value_heads=1, max_position_embeddings=2048, keep_window_size=2048, tie_word_embeddings=True,
+    rope_theta=10000.0, hidden_dropout=0.0, is_moe=False, num_experts=16384, num_experts_per_tok=64,
+    # batch: batch_tokens per optimizer step = batch_size x seq_len x processes x gradient accumulation
+    batch_size=8, seq_len=512, batch_tokens=32768,
+    # optimizer and schedule (the SmallDoge recipe: WSD, warmup 0.1, decay 0.1, wd 0.01, min lr rate 0)
+    max_steps=1000, learning_rate=8e-3, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1, min_lr_rate=0.0,
+    decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # system
+    seed=1337, device="auto", dtype="bfloat16", compile=False, backend="ddp", zero_stage=2,
+)
+
+# -----------------------------------------------------------------------------
+# setup shared by every stage
+
+def setup_training(cfg):
+    """Processes, device, precision and seed: a namespace every stage's loop reads."""
+    run = common.setup_distributed(cfg.device)
+    run.dtype = common.resolve_dtype(cfg.dtype, run.device)
+    run.autocast = lambda: common.autocast(run.device, run.dtype)
+    torch.manual_seed(cfg.seed + run.rank)
+    if run.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if run.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    return run
+
+def resume_checkpoint(cfg):
+    """The checkpoint a run continues from: the newest complete one in out_dir for init_from=resume."""
+    if cfg.init_from != "resume":
+        return None
+    if not common.checkpoint_paths(cfg.out_dir):
+        raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
+    return common.load_checkpoint(cfg.out_dir)
+
+def grad_accum_steps(batch_tokens, tokens_per_micro_batch, world_size):
+    per_pass = tokens_per_micro_batch * world_size
+    if batch_tokens % per_pass:
+        raise ValueError(f"batch_tokens={batch_tokens} is not a multiple of batch_size x seq_len x processes "
+                         f"= {per_pass}: change one of them")
+    return batch_tokens // per_pass
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint=None,
+          stage="pt"):
+    """Optimise model for steps [start, max_steps). batch_loss(model, step, micro_step) -> (loss, metrics)
+    must pick its batch as a pure function of (seed, step, micro_step, rank): with the step, model,
+    optimizer and RNG restored from a checkpoint, a resumed run then repeats the uninterrupted one exactly."""
+    raw_model = model
+    optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), fused=run.device.type == "cuda")
+    start_step = 0
+    if checkpoint is not None:  # resuming: everything but the weights (already in model)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if run.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    engine = None
+    if cfg.backend == "deepspeed":
+        engine = deepspeed_engine(cfg, run, raw_model, optimizer, grad_accum)
+        model = engine
+    elif run.world_size > 1:
+        model = DDP(raw_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
+    elif cfg.backend != "ddp":
+        raise ValueError(f"backend must be 'ddp' or 'deepspeed', got {cfg.backend!r}")
+    if cfg.compile:
+        model = torch.compile(model)
+    scaler = torch.amp.GradScaler(enabled=run.dtype == "float16")
+
+    def save(step):  # step = the next step to run
+        state = dict(model=raw_model.state_dict(), model_config=dataclasses.asdict(raw_model.config),
+                     optimizer=optimizer.state_dict(), step=step, config=vars(cfg), tokenizer=tok.state(),
+                     stage=stage, rng=dict(cpu=torch.get_rng_state(),
+                                           cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+        if run.master:
+            path = common.save_checkpoint(cfg.out_dir, step, state, cfg.keep_last)
+            print(f"saved {path}")
+
+    stop_signal = []  # SIGINT/SIGTERM: finish the current step, save, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    flops_per_step = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step
+    peak_flops = common.measure_peak_flops(run.device, run.dtype, seconds=0.3)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if run.master and start_step == 0 and os.path.exists(log_path):
+        os.remove(log_path)
+    if start_step >= cfg.max_steps:
+        print(f"already trained to max_steps={cfg.max_steps}")
+    step_start = time.perf_counter()
+    for step in range(start_step, cfg.max_steps):
+        lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio,
+                          cfg.decay_ratio, cfg.min_lr_rate, cfg.decay_shape)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, metric_sums = 0.0, {}
+        for micro_step in range(grad_accum):
+            last_micro_step = micro_step == grad_accum - 1
+            no_sync = model.no_sync() if isinstance(model, DDP) and not last_micro_step else contextlib.nullcontext()
+            with no_sync:
+                with run.autocast():
+                    loss, metrics = batch_loss(model, step, micro_step)
+                if engine is not None:
+                    engine.backward(loss)  # deepspeed divides by the accumulation steps itself
+                    engine.step()
+                else:
+                    scaler.scale(loss / grad_accum).backward()
+            loss_sum += loss.item() / grad_accum
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value / grad_accum
+        if run.world_size > 1:  # log the loss of the whole global batch, not rank 0's share
+            loss_tensor = torch.tensor(loss_sum, device=run.device)
+            dist.all_reduce(loss_tensor)
+            loss_sum = loss_tensor.item() / run.world_size
+        if engine is not None:
+            grad_norm = engine.get_global_grad_norm() or 0.0
+        else:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
+        # a NaN/inf anywhere reaches every rank's grad norm through the all-reduce, so all ranks stop together
+        if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and run.dtype != "float16"):
+            raise ValueError(f"loss {loss_sum} / grad norm {grad_norm} at step {step}: stopping; the last good "
+                             f"checkpoint in {cfg.out_dir} is intact (lower learning_rate or check the data)")
+        if engine is None:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        if run.master and (step % cfg.log_interval == 0 or step == cfg.max_steps - 1):
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = (time.perf_counter() - step_start) / (step - start_step + 1)
+            record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm,
+                          tokens_per_s=tokens_per_step / seconds,
+                          mfu=flops_per_step / seconds / (peak_flops * run.world_size), **metric_sums)
+            extra = "".join(f" | {k} {v:.4f}" for k, v in metric_sums.items())
+            print(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                  f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%{extra}", flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            start_step, step_start = step + 1, time.perf_counter()
+        last_step = step == cfg.max_steps - 1
+        if run.master and (step % cfg.eval_interval == cfg.eval_interval - 1 or last_step):
+            record = dict(step=step, **evaluate(raw_model))
+            print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()), flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            start_step, step_start = step + 1, time.perf_counter()
+        if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
+            save(step + 1)
+        if stop_signal:
+            print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+            break
+    if run.master and not stop_signal:
+        export_dir = os.path.join(cfg.out_dir, "hf")
+        raw_model.save_pretrained(export_dir)
+        tok.save(export_dir)
+        print(f"exported the final model to {export_dir} (Hugging Face format)")
+        plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
+    return raw_model
+
+def deepspeed_engine(cfg, run, model, optimizer, grad_accum):
+    """ZeRO stage 1/2/3 around a plain torch AdamW (DeepSpeed's own Adam would JIT-build an op)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise ValueError("backend=deepspeed needs `pip install deepspeed`") from None
+    if not dist.is_initialized():  # a single process still needs a process group
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT="29512").items():
+            os.environ.setdefault(key, value)
+        dist.init_process_group(backend="nccl" if run.device.type == "cuda" else "gloo")
+    ds_config = dict(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=grad_accum,
+                     gradient_clipping=cfg.grad_clip, zero_optimization=dict(stage=cfg.zero_stage),
+                     bf16=dict(enabled=run.dtype == "bfloat16"), fp16=dict(enabled=run.dtype == "float16"),
+                     zero_allow_untested_optimizer=True)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+def plot_losses(log_path, png_path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in open(log_path)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "val_loss"):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), label=key)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    print(f"loss curve: {png_path}")
+
+# -----------------------------------------------------------------------------
+# pre-training data: random windows of the token file, chosen by (seed, step) alone
+
+def batch_rows(seed, step, rows_per_step, high, split=0):
+    """Start offsets of every row of one optimizer step, across all processes and micro-steps: a pure
+    function of (seed, step), so resume is exact and the global batch is the same on any number of
+    processes (OLMo's rule). split 0 is training, 1 the fixed validation batches."""
+    return np.random.default_rng([seed, split, step]).integers(0, high, size=rows_per_step)
+
+def get_batch(data, starts, seq_len, device):
+    rows = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+def build_model(cfg, tok, checkpoint):
+    """A fresh Doge, the model of a nanodoge checkpoint, or a published Hugging Face Doge."""
+    if cfg.init_from == "scratch" or checkpoint is not None:
+        values = {key: getattr(cfg, key) for key in MODEL_KEYS}
+        values["vocab_size"] = values["vocab_size"] or tok.vocab_size
+        if checkpoint is not None:
+            for key, value in values.items():
+                if checkpoint["model_config"][key] != value:
+                    raise ValueError(f"{cfg.init_from} is a checkpoint of another shape: its {key} is "
+                                     f"{checkpoint['model_config'][key]}, the config says {value}")
+            values = checkpoint["model_config"]
+        model = Doge(DogeConfig(**values))
+        if checkpoint is not None:
+            common.load_state_dict_checked(model, checkpoint["model"], cfg.init_from)
+        return model
+    return common.load_model(cfg.init_from, "cpu")[0]
+
+def main(argv=None):
+    cfg = common.load_config(DEFAULTS, argv)
+    run = setup_training(cfg)
+    tok = load_tokenizer(cfg.data_dir)
+    train_data = common.read_array(os.path.join(cfg.data_dir, "train.bin"))
+    val_data = common.read_array(os.path.join(cfg.data_dir, "val.bin"))
+    for name, data in (("train.bin", train_data), ("val.bin", val_data)):
+        if len(data) <= cfg.seq_len + 1:
+            raise ValueError(f"{cfg.data_dir}/{name} holds {len(data)} tokens, fewer than seq_len={cfg.seq_len}")
+    checkpoint = resume_checkpoint(cfg)
+    if checkpoint is None and common.is_checkpoint(cfg.init_from):
+        # continue another run with its optimizer and step, e.g. a stable-phase WSD checkpoint on new data
+        # with a new max_steps, so that only the final decay is new
+        checkpoint = common.load_checkpoint(cfg.init_from)
+    model = build_model(cfg, tok, checkpoint).to(run.device)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}: set vocab_size >= {tok.vocab_size}")
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds max_position_embeddings="
+                         f"{model.config.max_position_embeddings}")
+    grad_accum = grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, run.world_size)
+    rows_per_step = cfg.batch_size * grad_accum * run.world_size
+    if run.master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{n_params / 1e6:.2f}M parameters | {cfg.batch_tokens:,} tokens per step = "
+              f"{cfg.batch_size} x {cfg.seq_len} x {run.world_size} processes x {grad_accum} accumulation | "
+              f"{run.device} {run.dtype} | train {len(train_data):,} tokens")
+
+    def batch_loss(model, step, micro_step):
+        starts = batch_rows(cfg.seed, step, rows_per_step, len(train_data) - cfg.seq_len - 1)
+        first = (micro_step * run.world_size + run.rank) * cfg.batch_size
+        x, y = get_batch(train_data, starts[first:first + cfg.batch_size], cfg.seq_len, run.device)
+        _, loss = model(x, y)
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(model):
+        model.eval()
+        starts = batch_rows(cfg.seed, 0, cfg.eval_batches * cfg.batch_size, len(val_data) - cfg.seq_len - 1, split=1)
+        losses = []
+        for i in range(cfg.eval_batches):
+            x, y = get_batch(val_data, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.seq_len, run.device)
+            with run.autocast():
+                losses.append(model(x, y)[1].item())
+        model.train()
+        return dict(val_loss=sum(losses) / len(losses))
+
+    train(cfg, run, model, tok, batch_loss, evaluate, cfg.batch_tokens, grad_accum, checkpoint, stage="pt")
+    if run.world_size > 1:
+        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    common.run(main)
