@@ -215,14 +215,17 @@ def mixed_documents(weights):
     document always comes from the source furthest below its share."""
     streams = {name: pretraining_documents(name)[0] for name in weights}
     chars = dict.fromkeys(weights, 0)
-    while streams:
-        name = min(streams, key=lambda n: chars[n] / weights[n])
-        text = next(streams[name], None)
-        if text is None:
-            del streams[name]
-            continue
-        chars[name] += len(text)
-        yield text
+
+    def mix():
+        while streams:
+            name = min(streams, key=lambda n: chars[n] / weights[n])
+            text = next(streams[name], None)
+            if text is None:
+                del streams[name]
+                continue
+            chars[name] += len(text)
+            yield text
+    return mix()
 
 # -----------------------------------------------------------------------------
 # pre-training: documents -> train.bin / val.bin

