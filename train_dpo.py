@@ -1,0 +1,211 @@
+"""
+Direct Preference Optimization (Rafailov et al. 2023), written out by hand.
+
+    python train_dpo.py config/dpo_tiny.py                       # offline quickstart: the arithmetic curriculum
+    python train_dpo.py config/dpo_doge_20m.py                   # ultrafeedback pairs, from the SFT model
+    python train_dpo.py config/dpo_tiny.py --loss_type=ipo       # IPO; --label_smoothing=0.1: conservative DPO
+
+The policy starts as the SFT model; a frozen copy of it is the reference. For each pair (prompt, chosen,
+rejected) the loss pushes the policy's log-prob of the chosen reply up and the rejected one down, relative to
+the reference (eq. 7). A reply's log-prob is the sum of its tokens' log-probs, prompt and padding excluded.
+The loop is train_pt.train, the batching train_sft's: a batch holds chosen rows then rejected rows, padded.
+"""
+import os
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+from train_pt import setup_training, train
+from train_sft import (step_indices, micro_batch, get_examples, pad_examples, target_counts, check_data,
+                       steps_per_run, examples_per_micro_step, load_policy)
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out/dpo",
+    init_from="out/sft",  # resume | <nanodoge out dir or ckpt file> | <Hugging Face dir or hub id>
+    ref_from="",  # the frozen reference; empty = the weights the policy starts from (recorded for resume)
+    data_dir="data/arithmetic",  # dpo_{train,val}.{chosen,rejected}.*
+    eval_interval=100, log_interval=10, ckpt_interval=100, keep_last=2,
+    eval_examples=200,  # held-out pairs for val loss and preference accuracy
+    # DPO: beta scales the implicit reward; label_smoothing > 0 is conservative DPO (the labels may be wrong)
+    beta=0.1, label_smoothing=0.0, loss_type="sigmoid",  # sigmoid | ipo
+    precompute_ref_logps=False,  # reference log-probs of every pair once up front, then free the reference
+    # batch: batch_examples pairs per optimizer step = batch_size x processes x gradient accumulation
+    batch_size=8, batch_examples=64, seq_len=1024,
+    # optimizer and schedule; max_steps=-1 means `epochs` passes over the pairs
+    epochs=2.0, max_steps=-1, learning_rate=8e-5, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
+    min_lr_rate=0.0, decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # system
+    seed=1337, device="auto", dtype="bfloat16", compile=False, backend="ddp", zero_stage=2,
+)
+
+# -----------------------------------------------------------------------------
+# the math
+
+def sequence_logprobs(logits, labels, mask):
+    """Per sequence, the sum over positions t with mask[t] = 1 of log p(labels[t] | labels[:t]), in float32.
+    logits [B, T, V] come from the model fed labels [B, T]; logits[t-1] predicts labels[t], so mask and
+    labels are shifted by one against the logits, and position 0 is never scored."""
+    token_logps = common.token_logprobs(logits[:, :-1], labels[:, 1:])
+    return (token_logps * mask[:, 1:]).sum(-1)
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+             label_smoothing=0.0, loss_type="sigmoid"):
+    """Per-pair losses and implicit rewards (DPO eq. 7; IPO, Azar et al. 2023, eq. 17).
+    h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r)): how much more the policy prefers the chosen reply
+    than the reference does. sigmoid: -(1-eps) log s(beta h) - eps log s(-beta h), where eps is the probability
+    that a label is flipped (eps = 0: plain DPO). ipo: (h - 1/(2 beta))^2, a margin target instead of an
+    unbounded push. The reward of a reply is beta (log pi - log ref), detached: a metric, not a loss term."""
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+# -----------------------------------------------------------------------------
+# batches of pairs
+
+def pair_batch(chosen_set, rejected_set, indices, max_len, pad_id, device):
+    """ids and response mask [2B, T]: the chosen replies of the pairs, then their rejected replies."""
+    examples = get_examples(chosen_set, indices, max_len) + get_examples(rejected_set, indices, max_len)
+    ids, mask = pad_examples(examples, pad_id)
+    return ids.to(device), mask.to(device)
+
+def pair_logprobs(model, ids, mask):
+    """(chosen, rejected) response log-probs of a pair_batch: one forward pass over both halves."""
+    logits, _ = model(ids)
+    return sequence_logprobs(logits, ids, mask).chunk(2)
+
+@torch.no_grad()
+def reference_logprobs(reference, ids, mask):
+    return pair_logprobs(reference, ids, mask)
+
+def pair_loss(policy, ids, mask, ref_chosen, ref_rejected, beta, label_smoothing, loss_type):
+    """Mean DPO loss of a pair_batch and the per-log-line metrics (TRL's names)."""
+    chosen, rejected = pair_logprobs(policy, ids, mask)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
+                                                        label_smoothing, loss_type)
+    metrics = {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+               "logps/chosen": chosen.detach().mean().item(), "logps/rejected": rejected.detach().mean().item()}
+    return losses.mean(), metrics
+
+def all_reference_logprobs(reference, chosen_set, rejected_set, indices, cfg, pad_id, device, autocast, desc):
+    """Reference log-probs of the pairs at indices, as a float32 array [len(indices), 2]."""
+    out = np.zeros((len(indices), 2), dtype=np.float32)
+    for first in tqdm(range(0, len(indices), cfg.batch_size), desc=desc, disable=len(indices) < 50 * cfg.batch_size):
+        ids, mask = pair_batch(chosen_set, rejected_set, indices[first:first + cfg.batch_size], cfg.seq_len,
+                               pad_id, device)
+        with autocast():
+            chosen, rejected = reference_logprobs(reference, ids, mask)
+        out[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
+    return out
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = common.load_config(DEFAULTS, argv)
+    if cfg.loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {cfg.loss_type!r}")
+    if not 0 <= cfg.label_smoothing < 0.5 or cfg.beta <= 0:
+        raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got beta={cfg.beta}, "
+                         f"label_smoothing={cfg.label_smoothing}")
+    run = setup_training(cfg)
+    sets = {f"dpo_{split}.{side}": common.read_ragged(os.path.join(cfg.data_dir, f"dpo_{split}.{side}"))
+            for split in ("train", "val") for side in ("chosen", "rejected")}
+    train_chosen, train_rejected = sets["dpo_train.chosen"], sets["dpo_train.rejected"]
+    val_chosen, val_rejected = sets["dpo_val.chosen"], sets["dpo_val.rejected"]
+    for split in ("train", "val"):
+        if len(sets[f"dpo_{split}.chosen"][2]) != len(sets[f"dpo_{split}.rejected"][2]):
+            raise ValueError(f"{cfg.data_dir}/dpo_{split}.chosen and .rejected hold different numbers of "
+                             "replies: re-run prepare_data.py --force")
+    model, tok, checkpoint = load_policy(cfg, run.device)
+    check_data(tok, model, cfg.data_dir, sets, cfg.seq_len)
+
+    # the reference: the policy's starting weights, frozen; a resumed run reloads them from where they came
+    if checkpoint is not None and not cfg.ref_from:
+        cfg.ref_from = checkpoint["config"]["ref_from"]
+    if cfg.ref_from and cfg.ref_from != cfg.init_from:
+        reference = common.load_model(cfg.ref_from, run.device)[0]
+    else:
+        cfg.ref_from, reference = cfg.init_from, copy.deepcopy(model)
+    reference.eval().requires_grad_(False)
+
+    # a pair whose reply is cut away entirely by seq_len has log-prob 0 on both sides: no signal, leave it out
+    def usable_pairs(chosen_set, rejected_set):
+        return np.flatnonzero((target_counts(chosen_set, cfg.seq_len) > 0) & (target_counts(rejected_set, cfg.seq_len) > 0))
+    usable = usable_pairs(train_chosen, train_rejected)
+    val_usable = usable_pairs(val_chosen, val_rejected)[:cfg.eval_examples]
+    if len(usable) == 0 or len(val_usable) == 0:
+        raise ValueError(f"no pair in {cfg.data_dir} has a reply within seq_len={cfg.seq_len}")
+    examples_per_step, grad_accum = examples_per_micro_step(cfg, run.world_size)
+    cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
+    lengths = np.minimum(np.diff(train_chosen[2]), cfg.seq_len) + np.minimum(np.diff(train_rejected[2]), cfg.seq_len)
+    tokens_per_step = int(lengths[usable].mean() * examples_per_step)
+    pad_id = tok.eos_id
+    if run.master:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(usable):,} pairs | "
+              f"{cfg.max_steps} steps of {examples_per_step} pairs = {cfg.batch_size} x {run.world_size} processes "
+              f"x {grad_accum} accumulation | {cfg.loss_type} loss, beta {cfg.beta}, label smoothing "
+              f"{cfg.label_smoothing} | reference {cfg.ref_from} | {run.device} {run.dtype}")
+
+    val_ref = all_reference_logprobs(reference, val_chosen, val_rejected, val_usable, cfg, pad_id, run.device,
+                                     run.autocast, "reference log-probs (val)")
+    train_ref = None  # row i: the reference log-probs of pair i
+    if cfg.precompute_ref_logps:
+        train_ref = np.zeros((len(train_chosen[2]) - 1, 2), dtype=np.float32)
+        train_ref[usable] = all_reference_logprobs(reference, train_chosen, train_rejected, usable, cfg, pad_id,
+                                                   run.device, run.autocast, "reference log-probs (train)")
+        del reference
+
+    def batch_loss(model, step, micro_step):
+        indices = usable[step_indices(cfg.seed, step, examples_per_step, len(usable))]
+        mine = micro_batch(indices, micro_step, run.rank, run.world_size, cfg.batch_size)
+        ids, mask = pair_batch(train_chosen, train_rejected, mine, cfg.seq_len, pad_id, run.device)
+        if train_ref is not None:
+            ref_chosen, ref_rejected = torch.from_numpy(train_ref[mine]).to(run.device).unbind(1)
+        else:
+            ref_chosen, ref_rejected = reference_logprobs(reference, ids, mask)
+        return pair_loss(model, ids, mask, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing, cfg.loss_type)
+
+    @torch.no_grad()
+    def evaluate(model):
+        """Held-out pairs: DPO loss, implicit-reward accuracy (reward of chosen > rejected; exactly 0 before
+        DPO, when every reward is 0) and margin, and how often the policy alone gives the chosen reply the
+        higher log-prob (before DPO: the SFT model's own preference)."""
+        model.eval()
+        policy = np.zeros((len(val_usable), 2), dtype=np.float32)
+        for first in range(0, len(val_usable), cfg.batch_size):
+            ids, mask = pair_batch(val_chosen, val_rejected, val_usable[first:first + cfg.batch_size], cfg.seq_len,
+                                   pad_id, run.device)
+            with run.autocast():
+                chosen, rejected = pair_logprobs(model, ids, mask)
+            policy[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
+        model.train()
+        policy, ref = torch.from_numpy(policy), torch.from_numpy(val_ref)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
+                                                            cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        return {"val_loss": losses.mean().item(),
+                "val_rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+                "val_rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+                "val_logps/accuracies": (policy[:, 0] > policy[:, 1]).float().mean().item()}
+
+    if checkpoint is None and run.master:
+        print("before DPO: " + " | ".join(f"{k} {v:.4f}" for k, v in evaluate(model).items()), flush=True)
+    train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint, stage="dpo")
+    if run.world_size > 1:
+        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    common.run(main)
