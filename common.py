@@ -116,12 +116,21 @@ def read_ragged(prefix):
 def load_config(defaults, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     config = dict(defaults)
-    for arg in argv:
+    argv = list(argv)
+    while argv:
+        arg = argv.pop(0)
         if arg.startswith("--"):
             key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ValueError(f"{arg}: overrides are written --key=value")
-            _set_config(config, defaults, key, _parse_value(text), arg)
+            if not sep and key in defaults:  # --flag sets a boolean; --key value is --key=value
+                if isinstance(defaults[key], bool):
+                    text = "True"
+                elif argv:
+                    text = argv.pop(0)
+                else:
+                    raise ValueError(f"{arg}: give it a value, --{key}=VALUE")
+            # a text setting keeps its text as typed (--prompt=12 is "12", not the number 12)
+            value = text if isinstance(defaults.get(key), str) else _parse_value(text)
+            _set_config(config, defaults, key, value, arg)
         else:
             if not os.path.isfile(arg):
                 raise FileNotFoundError(f"config file {arg} does not exist")
