@@ -13,11 +13,11 @@ to <out_dir>/<sources joined by +>/ (data/arithmetic/ by default): sft_{train,va
 rejected}.* (ragged token/mask/offset arrays), grpo_train.jsonl and test.jsonl. A directory whose meta.json
 exists is done: re-running skips it unless --force=True; meta.json is written last, every file atomically.
 """
-import glob
 import json
 import os
 import random
 import re
+import sys
 import tarfile
 import time
 
@@ -159,23 +159,19 @@ def shakespeare_documents():
 
 def cpython_documents():
     """One document per standard-library module (its docstrings), plus every pydoc topic text."""
-    import ast
+    import inspect
     import sysconfig
     from pydoc_data.topics import topics
+    docstring = re.compile(r'^\s*[rRuU]?"""(.*?)"""', re.S | re.M)  # a triple-quoted string opening a line
     documents = []
-    stdlib = sysconfig.get_paths()["stdlib"]
-    for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
-        if "site-packages" in path or "/test" in path or "idlelib" in path:
-            continue
-        try:
-            tree = ast.parse(open(path, encoding="utf-8").read())
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-        docstrings = [ast.get_docstring(n) for n in nodes]
-        text = "\n\n".join(d for d in docstrings if d and len(d) > 40)
-        if text:
-            documents.append(text)
+    for root, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "test", "tests", "idlelib"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+                texts = [inspect.cleandoc(m.group(1)) for m in docstring.finditer(f.read())]
+            text = "\n\n".join(t for t in texts if len(t) > 40)
+            if text:
+                documents.append(text)
     return documents + [topics[k] for k in sorted(topics)]
 
 
@@ -193,12 +189,13 @@ def pretraining_documents(dataset):
         return (text_of(row, dataset) for row in local_rows(dataset)), dataset, False
     if dataset == "smollm-mix":
         return mixed_documents(SMOLLM_MIX), f"smollm-mix {SMOLLM_MIX}", True
-    if dataset in PRETRAINING_HUB:
-        path, config_name, split, column = PRETRAINING_HUB[dataset]
+    if dataset in PRETRAINING_HUB or dataset.count("/") == 1:
+        path, config_name, split, column = PRETRAINING_HUB.get(dataset, (dataset, None, "train", "text"))
         rows_ = hub_rows(dataset, path, config_name, split, "dataset")
         return (text_of(row, dataset, column) for row in rows_), f"{path} ({config_name})", True
     raise ValueError(f"--dataset={dataset} is unknown: use shakespeare, {', '.join(PRETRAINING_HUB)}, smollm-mix, "
-                     "a .txt/.jsonl/.parquet file, or none (arithmetic is post-training data: --sft/--dpo/--grpo)")
+                     "a hub id, a .txt/.jsonl/.parquet file, or none (arithmetic is post-training data: "
+                     "--sft/--dpo/--grpo)")
 
 
 def text_of(row, source, column="text"):
@@ -578,7 +575,6 @@ def already_done(data_dir, settings, force):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    import sys
     argv = sys.argv[1:] if argv is None else argv
     args = common.load_config(config, ["--force=True" if a == "--force" else a for a in argv])
     t0 = time.time()

@@ -150,8 +150,8 @@ class Tokenizer:
 
 
 def _batched(encode_one, encode_many, texts):
-    """Threads pay off for big batches only; a few short texts (the chat template's pieces) go one by one."""
-    return encode_many(texts) if len(texts) >= 64 else [encode_one(text) for text in texts]
+    """Threads pay off for big batches only; short texts (the chat template's pieces) go one by one."""
+    return encode_many(texts) if sum(map(len, texts)) >= 100_000 else [encode_one(text) for text in texts]
 
 
 def _newline_chunks(text, size=4096):
@@ -214,7 +214,7 @@ def hf_tokenizer(path_or_hub_id):
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.exists(path):
-        if path_or_hub_id.count("/") != 1 or path_or_hub_id.startswith((".", "/")):
+        if path_or_hub_id.count("/") != 1 or path_or_hub_id.startswith((".", "/")) or path.endswith(".json"):
             raise FileNotFoundError(f"tokenizer {path_or_hub_id!r} is neither a tokenizer.json file, "
                                     "a directory with one, nor a hub id like SmallDoge/Doge-tokenizer")
         from huggingface_hub import hf_hub_download
