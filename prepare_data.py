@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import sys
 import tarfile
 import time
 
@@ -575,8 +574,7 @@ def already_done(data_dir, settings, force):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = common.load_config(config, ["--force=True" if a == "--force" else a for a in argv])
+    args = common.load_config(config, argv)
     t0 = time.time()
     for flag in ("dataset", "sft", "dpo", "grpo"):
         source = getattr(args, flag)
