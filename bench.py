@@ -1,0 +1,144 @@
+"""
+Speed of model.py against transformers' DogeForCausalLM, measured in the same run:
+training-step tokens/s and MFU (fwd + bwd + AdamW) in float32 and under bfloat16 autocast, eagerly and with
+--compile; greedy generation tokens/s (batch 1) and time to first token for a long prompt.
+MFU is against a peak measured here (a large matmul in the same dtype), not a datasheet number.
+
+    python bench.py                         # Doge-20M shape, B=8, T=512
+    python bench.py --compile=True          # also torch.compile (about a minute per dtype on a cold cache)
+    python bench.py --dtypes=float32 --reference=False
+"""
+import os
+import time
+import contextlib
+
+import torch
+
+import common
+from model import Doge, DogeConfig
+
+DEFAULTS = dict(
+    # model shape (Doge-20M)
+    vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
+    num_key_value_heads=1, tie_word_embeddings=True,
+    # training step
+    batch_size=8, seq_len=512, warmup_steps=1, timed_steps=3, dtypes="float32,bfloat16", compile=False,
+    # generation
+    new_tokens=128, prompt_len=16, ttft_prompt_len=512,
+    # system
+    device="cpu", seed=1337, reference=True,  # reference: also measure transformers' DogeForCausalLM
+)
+MODEL_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "tie_word_embeddings"]
+
+def reference_model(config):
+    """transformers' DogeForCausalLM (sdpa attention) with the same weights as our model."""
+    from transformers import DogeConfig as HFDogeConfig, DogeForCausalLM
+    hf_config = HFDogeConfig.from_dict(config.to_hf_dict())
+    return DogeForCausalLM(hf_config)
+
+def time_training(model, loss_fn, cfg, device, dtype, label):
+    """Tokens/s of full optimizer steps (forward, backward, AdamW) on random tokens."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    idx = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(cfg.warmup_steps + cfg.timed_steps):
+        if step == cfg.warmup_steps:
+            sync()
+            start = time.perf_counter()
+        with common.autocast(device, dtype):
+            loss = loss_fn(model, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step < cfg.warmup_steps:
+            print(f"  {label}: warm-up step {step} done (loss {loss.item():.3f})", flush=True)
+    sync()
+    return cfg.timed_steps * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
+
+def ours_loss(model, idx):
+    return model(idx[:, :-1], idx[:, 1:])[1]
+
+def reference_loss(model, idx):
+    return model(input_ids=idx[:, :-1], labels=idx[:, :-1]).loss  # labels are shifted inside
+
+def time_call(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+def time_generation(generate, cfg, device):
+    """(greedy tokens/s for new_tokens after a prompt_len prompt, seconds to the first token after a
+    ttft_prompt_len prompt), batch 1, each the best of two runs."""
+    prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), device=device)
+    long_prompt = torch.randint(cfg.vocab_size, (1, cfg.ttft_prompt_len), device=device)
+    generate(prompt, 4)  # warm up
+    seconds = min(time_call(lambda: generate(prompt, cfg.new_tokens)) for _ in range(2))
+    ttft = min(time_call(lambda: generate(long_prompt, 1)) for _ in range(2))
+    return cfg.new_tokens / seconds, ttft
+
+def main(argv=None):
+    cfg = common.load_config(DEFAULTS, argv)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    config = DogeConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
+    model = Doge(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.flops_per_token(cfg.seq_len)
+    print(f"Doge: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f} MFLOP per training token at "
+          f"T={cfg.seq_len}; {torch.get_num_threads()} threads on {device}")
+    reference = None
+    if cfg.reference:
+        try:
+            reference = reference_model(config).to(device)
+            reference.load_state_dict(model.state_dict(), strict=False)  # lm_head is tied when the config ties
+        except ImportError:
+            print("transformers is not installed: measuring nanodoge only")
+
+    results, peaks = {}, {}  # (who, dtype, compiled) -> tokens/s; dtype -> matmul FLOP/s
+    for dtype in cfg.dtypes.split(","):
+        peaks[dtype] = peak = common.measure_peak_flops(device, dtype, size=1024)
+        print(f"{dtype}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        if dtype != "float32" and peak < peaks.get("float32", 0):
+            print(f"  skipping {dtype}: this device's {dtype} matmuls are slower than float32 "
+                  f"(no AVX-512 BF16 / AMX?), a training step would take minutes")
+            continue
+        runs = [("nanodoge", model, ours_loss, False)]
+        if cfg.compile:
+            runs.append(("nanodoge", torch.compile(model), ours_loss, True))
+        if reference is not None:
+            runs.append(("transformers", reference, reference_loss, False))
+        for who, module, loss_fn, compiled in runs:
+            label = f"{who} {dtype}{' compiled' if compiled else ''}"
+            tokens_per_s = time_training(module, loss_fn, cfg, device, dtype, label)
+            results[(who, dtype, compiled)] = tokens_per_s
+            print(f"train {label:32s} {tokens_per_s:8.0f} tokens/s  MFU {flops_per_token * tokens_per_s / peak:6.1%}",
+                  flush=True)
+
+    model.eval()
+    ours_gen = time_generation(lambda p, n: model.generate(p, n, temperature=0.0), cfg, device)
+    print(f"generate nanodoge      {ours_gen[0]:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
+          f"prompt) {ours_gen[1] * 1e3:7.1f} ms", flush=True)
+    if reference is not None:
+        reference.eval()
+        def reference_generate(prompt, n):
+            with torch.no_grad():
+                return reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                          min_new_tokens=n, do_sample=False, pad_token_id=0)
+        ref_gen = time_generation(reference_generate, cfg, device)
+        print(f"generate transformers  {ref_gen[0]:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
+              f"prompt) {ref_gen[1] * 1e3:7.1f} ms")
+
+        print("\nratios, nanodoge / transformers (same run):")
+        for (who, dtype, compiled), tokens_per_s in results.items():
+            if who == "nanodoge":
+                like = results.get(("transformers", dtype, False))
+                fp32 = results.get(("transformers", "float32", False))
+                line = f"  train {dtype}{' compiled' if compiled else ''}: {tokens_per_s / like:.2f}x like-for-like"
+                if dtype != "float32" and fp32:
+                    line += f", {tokens_per_s / fp32:.2f}x transformers float32"
+                print(line)
+        print(f"  generate: {ours_gen[0] / ref_gen[0]:.1f}x tokens/s, time to first token {ref_gen[1] / ours_gen[1]:.1f}x faster")
+
+if __name__ == "__main__":
+    common.run(main)

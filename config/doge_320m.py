@@ -1,0 +1,15 @@
+# Doge-320M: the SmallDoge model shape (335M parameters with tied embeddings), for train_pt.py.
+# Usage: torchrun --nproc_per_node=1 train_pt.py config/doge_320m.py [--key=value ...]
+
+# --- model shape (DogeConfig field names; sizes from the SmallDoge guide) ---
+hidden_size = 1024
+intermediate_size = 2048
+num_hidden_layers = 32
+num_attention_heads = 8
+num_key_value_heads = 4
+vocab_size = 32768
+tie_word_embeddings = True
+max_position_embeddings = 2048
+keep_window_size = 2048
+
+# --- training recipe (lr, steps, batch, schedule, ...) ---

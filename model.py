@@ -1,0 +1,544 @@
+"""
+The whole Doge architecture (SmallDoge, arXiv 2412.11834) in one file, numerically equal to transformers'
+DogeForCausalLM: RMSNorm, RoPE, dynamic mask attention, gated MLP or cross-domain MoE, learnable residuals,
+KV-cached generation, and Hugging Face checkpoint load/save. Parameter names are the reference's, so a
+state_dict is a Hugging Face checkpoint as it is.
+"""
+import os
+import json
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# configuration
+
+@dataclass
+class DogeConfig:
+    """Field names and defaults are those of transformers' DogeConfig (Doge-320M style)."""
+    vocab_size: int = 32768
+    hidden_size: int = 1024
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 8
+    num_key_value_heads: int = None  # None: as many as query heads (MHA)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    keep_window_size: int = 2048  # dynamic masking (top-k over keys) only for key lengths above this
+    is_moe: bool = False
+    num_experts: int = 16384
+    num_experts_per_tok: int = 64
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.001
+    pad_token_id: int = None
+    bos_token_id: int = None
+    eos_token_id: int = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
+                             f"num_key_value_heads {self.num_key_value_heads} must divide each other in that order")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported: Doge uses 'silu'")
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    def to_hf_dict(self):
+        """config.json as transformers writes it for DogeForCausalLM."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rope_theta"}
+        d.update(architectures=["DogeForCausalLM"], model_type="doge", dtype="float32", use_cache=True,
+                 sliding_window=None, output_router_logits=False,
+                 rope_parameters={"rope_type": "default", "rope_theta": float(self.rope_theta)})
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_hf_dict(cls, d, source):
+        """A DogeConfig from a Hugging Face config.json dict; what nanodoge cannot compute is an error."""
+        if d.get("model_type") != "doge":
+            raise ValueError(f"{source} is a config of model_type {d.get('model_type')!r}, not 'doge'")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise ValueError(f"{source}: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        if d.get("sliding_window") is not None:
+            raise ValueError(f"{source}: sliding_window attention is not supported")
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in d.items() if k in names}
+        values["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        if isinstance(values.get("eos_token_id"), list):  # generation takes a list; the config keeps the first
+            values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
+        return cls(**values)
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times a learned weight."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+def rope_cos_sin(config):
+    """RoPE tables [max_position_embeddings, head_dim]: angle position * theta^(-2i/D), duplicated to D."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    angles = torch.arange(config.max_position_embeddings, dtype=torch.float)[:, None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+def apply_rope(x, cos, sin):
+    """Rotate x [..., T, D] by position (the rotate-half convention: pairs are (i, i + D/2))."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+def dynamic_mask(dt, T, keep_window_size):
+    """The additive attention bias [B, G, T, S] of dynamic mask attention from each key's value dt [B, G, S]:
+    every query row gets the same per-key bias, causal positions get the dtype's minimum, and when there are
+    more than keep_window_size keys only each row's keep_window_size largest entries survive."""
+    S = dt.size(-1)
+    bias = dt[:, :, None, :].expand(-1, -1, T, -1)
+    lowest = torch.finfo(dt.dtype).min
+    if T > 1:  # the T new queries sit at the end: query i sees keys up to S - T + i
+        causal = torch.ones(T, S, dtype=torch.bool, device=dt.device).tril(diagonal=S - T)
+        bias = bias.masked_fill(~causal, lowest)
+    if S > keep_window_size:
+        top = bias.topk(keep_window_size, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(bias, dtype=torch.bool).scatter(-1, top, True)
+        bias = bias.masked_fill(~keep, lowest)
+    return bias
+
+def attention_with_bias(q, k, v, bias, dropout_p):
+    """softmax(q k^T / sqrt(D) + bias) v with GQA: q [B,H,T,D], k and v [B,G,S,D], bias [B,G,T,S]."""
+    B, H, T, D = q.shape
+    G = k.size(1)
+    bias = bias.to(q.dtype)
+    if T == 1:  # a decode step: the H/G query heads of a kv group are H/G query rows under the group's bias
+        y = F.scaled_dot_product_attention(q.view(B, G, H // G, D), k, v, attn_mask=bias, dropout_p=dropout_p)
+        return y.view(B, H, 1, D)
+    bias = bias.repeat_interleave(H // G, dim=1)  # query head h belongs to kv group h // (H/G)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, enable_gqa=True)
+
+def causal_attention_folded(q, k, v, dt, dropout_p):
+    """Fast path of attention_with_bias for a full causal sequence without top-k (S = T <= keep_window_size),
+    equal to it (tests/test_model.py holds them equal). The dynamic mask is one bias per key, the same for
+    every query, so it is an extra key coordinate: [q, 1] . [k, dt * sqrt(D)] / sqrt(D) = q.k / sqrt(D) + dt.
+    SDPA then runs with is_causal=True on its flash kernel, gradient to dt included, instead of the
+    materialised-mask math kernel (4x slower on CPU when the mask requires grad)."""
+    D = q.size(-1)
+    q = torch.cat((q, torch.ones_like(q[..., :1])), dim=-1)
+    k = torch.cat((k, (dt.to(k.dtype) * math.sqrt(D))[..., None]), dim=-1)
+    v = F.pad(v, (0, 1))  # SDPA wants one head size for q, k and v; the zero column is sliced off below
+    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=D ** -0.5,
+                                       enable_gqa=True)
+    return y[..., :D]
+
+class KVCache:
+    """Keys, values and each key's dynamic-mask value dt for every layer, preallocated for max_len positions,
+    so a decode step computes dt_proj for its new key only."""
+    def __init__(self, num_layers, max_len):
+        self.max_len, self.length = max_len, 0
+        self.k, self.v, self.dt = [None] * num_layers, [None] * num_layers, [None] * num_layers
+
+    def update(self, layer, k, v, dt):
+        """Append k, v [B,G,T,D] and dt [B,G,T] at self.length; return everything so far."""
+        if self.k[layer] is None:
+            B, G, _, D = k.shape
+            self.k[layer] = k.new_empty(B, G, self.max_len, D)
+            self.v[layer] = v.new_empty(B, G, self.max_len, D)
+            self.dt[layer] = dt.new_empty(B, G, self.max_len)
+        start, end = self.length, self.length + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        self.dt[layer][:, :, start:end] = dt
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.dt[layer][:, :, :end]
+
+class DogeAttention(nn.Module):
+    """Dynamic mask attention: GQA whose additive mask comes from the keys' values,
+    dt = exp(A * softplus(dt_proj(v))) per key and kv head."""
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        H, G, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.layer_idx, self.head_dim = layer_idx, D
+        self.keep_window_size, self.attention_dropout = config.keep_window_size, config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, H * D, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, G * D, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, G * D, bias=config.attention_bias)
+        self.A = nn.Parameter(torch.zeros(G))  # zeros: dt = 1 for every key, a neutral mask at init
+        self.dt_proj = nn.Linear(G * D, G, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_bias)
+        self.q_norm = RMSNorm(D, config.rms_norm_eps)
+        self.k_norm = RMSNorm(D, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x)
+        dt = torch.exp(self.A * F.softplus(self.dt_proj(v))).transpose(1, 2)  # [B, G, T], from [B, T, G*D]
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, dt = cache.update(self.layer_idx, k, v, dt)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        if k.size(2) == T and T <= self.keep_window_size:
+            y = causal_attention_folded(q, k, v, dt, dropout_p)
+        else:
+            y = attention_with_bias(q, k, v, dynamic_mask(dt, T, self.keep_window_size), dropout_p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+class DogeMLP(nn.Module):
+    """Gated MLP: down(silu(gate(x)) * up(x))."""
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+class DogeCDMoE(DogeMLP):
+    """Cross-domain MoE: the gated MLP as a shared expert plus num_experts one-neuron experts
+    (down_embed[e], up_embed[e]) chosen by product-key routing. Each token is routed from its own router
+    output (the reference's reshape mixes tokens in a full forward; equal to it token by token)."""
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_keys = math.isqrt(config.num_experts)
+        self.top_k, self.norm_topk_prob = config.num_experts_per_tok, config.norm_topk_prob
+        self.router_gate = nn.Linear(config.hidden_size, 2 * self.num_keys, bias=False)
+        self.down_embed = nn.Embedding(config.num_experts, config.hidden_size)
+        self.up_embed = nn.Embedding(config.num_experts, config.hidden_size)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        K = self.num_keys
+        router_logits = self.router_gate(x).view(B * T, 2, K)  # two halves: scores of the row and column keys
+        (scores, keys) = router_logits.topk(K, dim=-1)
+        # product keys: candidate (i, j) scores s_x[i] + s_y[j] and is expert i * K + j
+        all_scores = (scores[:, 0, :, None] + scores[:, 1, None, :]).view(B * T, K * K)
+        all_experts = (keys[:, 0, :, None] * K + keys[:, 1, None, :]).view(B * T, K * K)
+        scores, position = all_scores.topk(self.top_k, dim=-1)
+        experts = all_experts.gather(-1, position)
+        weights = F.softmax(scores, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        flat = x.reshape(B * T, C, 1)
+        expert_act = F.silu(torch.bmm(self.down_embed(experts), flat).squeeze(-1)) * weights  # [B*T, top_k]
+        routed = torch.bmm(expert_act[:, None, :], self.up_embed(experts)).view(B, T, C)
+        return super().forward(x) + routed, router_logits
+
+def load_balancing_loss(router_logits, top_k):
+    """Switch Transformer eq. 4-6 over product-key experts, all layers together:
+    num_experts * sum_e (fraction of top-k assignments to e) * (mean routing probability of e).
+    router_logits: a list of [N, 2, K] per layer."""
+    logits = torch.cat(router_logits)
+    K = logits.size(-1)
+    all_scores = (logits[:, 0, :, None] + logits[:, 1, None, :]).flatten(1)  # [L*N, K*K], expert i*K + j
+    chosen = all_scores.topk(top_k, dim=-1).indices.flatten()
+    tokens_per_expert = torch.bincount(chosen, minlength=K * K).to(logits.dtype) / chosen.numel()
+    prob_per_expert = F.softmax(all_scores, dim=-1).mean(0)
+    return K * K * (tokens_per_expert * prob_per_expert).sum()
+
+class DogeDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = DogeAttention(config, layer_idx)
+        self.input_residual = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = DogeCDMoE(config) if config.is_moe else DogeMLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.hidden_size))
+
+    def forward(self, x, cos, sin, cache, router_logits):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        x = self.input_residual * x + F.dropout(h, self.hidden_dropout, self.training)
+        h = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(h, tuple):
+            h, logits = h
+            router_logits.append(logits)
+        return self.post_attention_residual * x + F.dropout(h, self.hidden_dropout, self.training)
+
+# -----------------------------------------------------------------------------
+# the model
+
+class Doge(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id),
+            layers=nn.ModuleList(DogeDecoderLayer(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_cos_sin(config)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """Linear and embedding weights ~ N(0, initializer_range), biases 0 (norms, residuals: ones; A: zeros,
+        as constructed)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            nn.init.zeros_(module.weight[module.padding_idx])
+
+    def check_input(self, idx, start=0):
+        """One-line errors for what would otherwise fail deep inside (or, on a GPU, asynchronously)."""
+        V, T_max = self.config.vocab_size, self.config.max_position_embeddings
+        if start + idx.size(1) > T_max:
+            raise ValueError(f"sequence of {start + idx.size(1)} tokens is longer than max_position_embeddings "
+                             f"{T_max}: shorten it or build the model with a larger max_position_embeddings")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= V):
+            raise ValueError(f"token ids must lie in [0, {V}) (the vocabulary); got min {idx.min().item()}, "
+                             f"max {idx.max().item()}: is the tokenizer the model's?")
+
+    def hidden_states(self, idx, cache=None):
+        """Final-norm hidden states [B, T, C] and the MoE router logits of every layer."""
+        start = cache.length if cache is not None else 0
+        if not torch.compiler.is_compiling():
+            self.check_input(idx, start)
+        T = idx.size(1)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.model.embed_tokens(idx)
+        router_logits = []
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, router_logits)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x), router_logits
+
+    def forward(self, idx, targets=None):
+        """logits [B, T, vocab] for every position; with targets (-1 = ignore), the mean cross-entropy
+        (plus router_aux_loss_coef times the load-balancing loss for MoE)."""
+        x, router_logits = self.hidden_states(idx)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        if not torch.compiler.is_compiling() and (targets.min() < -1 or targets.max() >= self.config.vocab_size):
+            raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if router_logits:
+            loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(
+                router_logits, self.config.num_experts_per_tok)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    @torch.inference_mode()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                        repetition_penalty=1.0):
+        """Yield the next token of every row ([B]) up to max_new_tokens times, with a KV cache. Rows that
+        produced an eos id continue with (the first) eos id; stops once every row has."""
+        B, T = idx.shape
+        self.check_input(idx)
+        if T + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}: ask for fewer tokens or shorten the prompt")
+        eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=idx.device)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache = KVCache(self.config.num_hidden_layers, T + max_new_tokens)
+        seen, new_ids = idx, idx
+        for step in range(max_new_tokens):
+            x, _ = self.hidden_states(new_ids, cache)
+            logits = self.lm_head(x[:, -1])
+            if repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            next_ids = sample_next_token(logits, temperature, top_k, top_p)
+            if len(eos_ids):
+                next_ids = torch.where(finished, eos_ids[0], next_ids)
+                finished |= torch.isin(next_ids, eos_ids)
+            yield next_ids
+            if len(eos_ids) and finished.all():
+                return
+            new_ids = next_ids[:, None]
+            if repetition_penalty != 1.0:
+                seen = torch.cat((seen, new_ids), dim=1)
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
+                 repetition_penalty=1.0):
+        """idx [B, T] (equal-length prompts) -> [B, T + n], n <= max_new_tokens; temperature 0 is greedy."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
+                                        repetition_penalty))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+    # -------------------------------------------------------------------------
+    # training helpers
+
+    def param_groups(self, weight_decay):
+        """AdamW groups: decay on matrices and embeddings; none on norms, residual vectors, A and biases."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward = 3x forward) per token, PaLM-style: 2 FLOPs per weight used in a
+        matmul, plus q.k and p.v over the full seq_len (the causal half is not discounted)."""
+        c = self.config
+        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        if c.is_moe:  # each token uses top_k rows of down_embed and of up_embed
+            matmul_params += c.num_hidden_layers * 2 * c.num_experts_per_tok * c.hidden_size
+        attention = c.num_hidden_layers * 2 * c.num_attention_heads * c.head_dim * seq_len
+        return 3 * 2 * (matmul_params + attention)
+
+    # -------------------------------------------------------------------------
+    # Hugging Face checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id):
+        """A Doge from a Hugging Face-format directory (config.json + model.safetensors, a sharded index, or
+        pytorch_model.bin) or a hub id."""
+        path = str(path_or_hub_id)
+        if not os.path.isdir(path):
+            if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+                raise FileNotFoundError(f"{path} is not a checkpoint directory (config.json + model.safetensors) "
+                                        "nor a hub id like SmallDoge/Doge-20M")
+            path = download_from_hub(path)
+        config_file = os.path.join(path, "config.json")
+        if not os.path.exists(config_file):
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face-format checkpoint")
+        try:
+            with open(config_file) as f:
+                config_dict = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_file} is not valid JSON ({e})") from None
+        config = DogeConfig.from_hf_dict(config_dict, config_file)
+        model = cls(config)
+        model.load_hf_state_dict(read_checkpoint_tensors(path), path)
+        return model
+
+    def load_hf_state_dict(self, state, source):
+        """Load tensors named as in transformers; any mismatch is a one-line error, never a half-loaded model."""
+        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+        if self.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        if any(k.startswith("model.word_embed") or ".pre_layernorm." in k or ".feed_forward." in k for k in state):
+            raise ValueError(f"{source} is an early SmallDoge checkpoint (keys model.word_embed, pre_layernorm, "
+                             "feed_forward): convert it with small-doge's converter to the transformers layout")
+        expected = {k: v for k, v in self.state_dict().items()
+                    if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+        A = "model.layers.0.self_attn.A"
+        if A in state and "model.layers.0.self_attn.q_norm.weight" not in state:
+            raise ValueError(f"{source} is the older Doge variant (no q/k norms; A and dt_proj per query head: "
+                             f"A has shape {tuple(state[A].shape)}): it needs that variant's code, not this one")
+        for k, v in state.items():
+            if k in expected and v.shape != expected[k].shape:
+                raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)} but config.json implies "
+                                 f"{tuple(expected[k].shape)}")
+        missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        if missing:
+            raise ValueError(f"{source} lacks {len(missing)} tensors this config needs, e.g. {missing[0]}")
+        if unexpected:
+            raise ValueError(f"{source} has {len(unexpected)} tensors this config does not use, e.g. {unexpected[0]}")
+        self.load_state_dict(state, strict=not self.config.tie_word_embeddings)
+
+    def save_pretrained(self, out_dir):
+        """config.json + model.safetensors that transformers' DogeForCausalLM.from_pretrained loads."""
+        os.makedirs(out_dir, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
+                 if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+        atomic_save(os.path.join(out_dir, "model.safetensors"),
+                    lambda p: save_file(state, p, metadata={"format": "pt"}))
+        text = json.dumps(self.config.to_hf_dict(), indent=2) + "\n"
+        atomic_save(os.path.join(out_dir, "config.json"), lambda p: open(p, "w").write(text))
+
+def download_from_hub(hub_id):
+    """Local snapshot directory of a hub id (config and weights only); one line when it cannot be had."""
+    from huggingface_hub import snapshot_download
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    except Exception as e:
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else f"{type(e).__name__}"
+        raise ValueError(f"cannot get {hub_id} from the Hugging Face Hub ({why}): download it where the Hub is "
+                         "reachable and pass its directory") from None
+
+def read_checkpoint_tensors(path):
+    """All tensors of a checkpoint directory: model.safetensors, a sharded *.index.json, or pytorch_model.bin."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = os.path.join(path, index_name)
+        if os.path.exists(index_file):
+            with open(index_file) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            break
+    else:
+        shards = [name for name in ("model.safetensors", "pytorch_model.bin") if os.path.exists(os.path.join(path, name))][:1]
+    if not shards:
+        raise FileNotFoundError(f"{path} has no model.safetensors, pytorch_model.bin or sharded index")
+    state = {}
+    for shard in shards:
+        file = os.path.join(path, shard)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file} is listed in the checkpoint's index but missing")
+        try:
+            state.update(load_file(file) if file.endswith(".safetensors") else
+                         torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as e:
+            raise ValueError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
+                             "(corrupt or truncated?)") from None
+    return state
+
+def atomic_save(path, write_fn):
+    """write_fn(tmp) then rename, so a failed save never leaves a half-written file under the final name."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL's penalty, as transformers applies it: logits of tokens already in the sequence are divided by
+    penalty when positive, multiplied when negative."""
+    score = logits.gather(1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits [B, V]: greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
