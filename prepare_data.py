@@ -497,15 +497,14 @@ def post_training_sets(args):
 
 
 def example_texts(sets):
-    """All text in the post-training sets (what sentencepiece also trains on)."""
+    """All text in the post-training sets, roles included (what sentencepiece also trains on)."""
     for name, examples in sets.items():
         for example in examples:
-            if name.startswith("sft"):
-                yield "\n".join(m["content"] for m in example)
-            elif name.startswith("dpo"):
-                yield "\n".join([m["content"] for m in example[0]] + list(example[1:]))
-            else:
-                yield "\n".join(m["content"] for m in example["messages"])
+            if name.startswith("dpo"):
+                prompt, chosen, rejected = example
+                example = prompt + [{"role": "assistant", "content": reply} for reply in (chosen, rejected)]
+            for message in example["messages"] if name.startswith(("grpo", "test")) else example:
+                yield f"{message['role']}\n{message['content']}"
 
 
 def render_pair(tok, prompt, chosen, rejected):

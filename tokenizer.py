@@ -188,9 +188,11 @@ def train_sentencepiece(texts, vocab_size):
     if vocab_size < min_vocab:
         raise ValueError(f"--vocab_size={vocab_size} is too small: a sentencepiece vocabulary needs at least {min_vocab}")
 
-    def lines():  # sentencepiece trains on "sentences"; pieces never cross "\n" anyway
+    tags = re.compile("|".join(re.escape(t) for t in REASONING_TAGS))
+
+    def lines():  # sentencepiece trains on "sentences"; pieces never cross "\n" or a tag anyway
         for text in texts:
-            for line in text.split("\n"):
+            for line in tags.sub("\n", text).split("\n"):
                 if line:
                     yield line[:8192]
 
