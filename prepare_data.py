@@ -624,7 +624,7 @@ def main(argv=None):
                    seed=args.seed)
         print(f"wrote {pre_dir}: {len(train):,} train and {len(val):,} val tokens ({source})")
     if post_todo:
-        counts = {}
+        example_counts, token_counts = {}, {}
         for name, examples in tqdm(post_sets.items(), desc="post-training sets"):
             prefix = os.path.join(post_dir, name)
             if name.startswith("sft"):
@@ -638,10 +638,11 @@ def main(argv=None):
             else:
                 write_jsonl(f"{prefix}.jsonl", examples)
                 rendered = [tk.render_chat(tok, ex["messages"], add_generation_prompt=True) for ex in examples]
-            counts[name] = {"examples": len(examples), "tokens": sum(len(ids) for ids, _ in rendered)}
+            example_counts[name] = len(examples)
+            token_counts[name] = sum(len(ids) for ids, _ in rendered)
         write_meta(post_dir, tok, post_settings, source={"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo},
-                   counts=counts, seed=args.seed)
-        print(f"wrote {post_dir}: " + ", ".join(f"{k} {v['examples']}" for k, v in counts.items()))
+                   token_counts=token_counts, example_counts=example_counts, seed=args.seed)
+        print(f"wrote {post_dir}: " + ", ".join(f"{k} {v}" for k, v in example_counts.items()))
     print(f"done in {time.time() - t0:.1f}s")
 
 

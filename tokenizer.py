@@ -233,8 +233,11 @@ def hf_tokenizer(path_or_hub_id):
 
 
 def load_tokenizer(data_dir):
-    """The tokenizer a prepared data directory was made with (its meta.json and tokenizer file)."""
+    """The tokenizer a prepared data directory was made with (its meta.json and tokenizer file); for a
+    Hugging Face model directory without meta.json, its tokenizer.json."""
     meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path) and os.path.isfile(os.path.join(data_dir, "tokenizer.json")):
+        return hf_tokenizer(data_dir)
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"{meta_path} does not exist: run `python prepare_data.py` first")
     try:

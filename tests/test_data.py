@@ -162,8 +162,9 @@ def test_default_run_writes_pretraining_and_post_training_sets(default_data):
     # the post-training set uses the very same tokenizer
     assert (arithmetic / "tokenizer.model").read_bytes() == (shakespeare / "tokenizer.model").read_bytes()
     post_meta = json.loads((arithmetic / "meta.json").read_text())
-    for name, size in prepare_data.SPLIT_SIZES.items():
-        assert post_meta["counts"][name]["examples"] == size
+    assert post_meta["example_counts"] == prepare_data.SPLIT_SIZES
+    sft_tokens = common.read_ragged(str(arithmetic / "sft_train"))[0]
+    assert post_meta["token_counts"]["sft_train"] == len(sft_tokens)
     for prefix in ["sft_train", "sft_val", "dpo_train.chosen", "dpo_train.rejected", "dpo_val.chosen"]:
         tokens, mask, offsets = common.read_ragged(str(arithmetic / prefix))
         assert mask.dtype == np.uint8 and offsets[0] == 0 and np.all(np.diff(offsets) > 0)
@@ -180,6 +181,12 @@ def test_default_run_writes_pretraining_and_post_training_sets(default_data):
         tk.load_tokenizer(str(default_data / "bad_meta"))
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         tk.load_tokenizer(str(default_data / "missing"))
+
+
+def test_load_tokenizer_from_a_hugging_face_model_dir(corpus, tmp_path):
+    hf_bytelevel_tokenizer_json(tmp_path / "tokenizer.json", corpus[:1], vocab_size=400)
+    (tmp_path / "config.json").write_text("{}")
+    assert tk.load_tokenizer(str(tmp_path)).decode(tk.load_tokenizer(str(tmp_path)).encode(TRICKY)) == TRICKY
 
 
 def test_rerun_is_idempotent_and_settings_are_guarded(default_data, capsys):
