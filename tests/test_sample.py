@@ -213,6 +213,26 @@ def test_think_part_is_dimmed_or_hidden(model, tok, monkeypatch, show_think):
     else:
         assert out.getvalue().replace(sample.NORMAL, "") == "<answer>12</answer>\n"
 
+def test_hugging_face_directory(tmp_path, tiny_text, capsys):
+    """A save_pretrained directory with a tokenizer.json beside it, as SmallDoge publishes them."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator([tiny_text[:20_000]], trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    hf_tok = tk.load_tokenizer(str(tmp_path))
+    torch.manual_seed(0)
+    hf_model = Doge(DogeConfig(vocab_size=hf_tok.vocab_size, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=128))
+    hf_model.save_pretrained(str(tmp_path))
+    prompt = "Thou art"
+    ids = hf_tok.encode(prompt)
+    reply = greedy_by_hand(hf_model, ids, 8)[len(ids):]
+    reply = reply[:reply.index(hf_tok.eos_id)] if hf_tok.eos_id in reply else reply
+    sample.main([f"--init_from={tmp_path}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=8"])
+    assert capsys.readouterr().out == prompt + hf_tok.decode(reply) + "\n---------------\n"
+
 # -----------------------------------------------------------------------------
 # errors
 
@@ -229,6 +249,8 @@ def test_missing_checkpoint(tmp_path, monkeypatch):
     assert "out/pt" in one_line_error(FileNotFoundError, ["--prompt=hi"])
     os.makedirs("out/pt")  # exists but holds no checkpoint
     assert "out/pt" in one_line_error(FileNotFoundError, ["--prompt=hi"])
+    # a hub id cannot be fetched offline (tests run with HF_HUB_OFFLINE=1): said at once, in one line
+    assert "SmallDoge/Doge-20M" in one_line_error(ValueError, ["--init_from=SmallDoge/Doge-20M", "--prompt=hi"])
 
 
 def test_checkpoint_without_tokenizer(tmp_path, model):
