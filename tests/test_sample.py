@@ -43,6 +43,7 @@ def settings(**overrides):
     return SimpleNamespace(**{**sample.DEFAULTS, **overrides})
 
 
+@torch.no_grad()
 def greedy_by_hand(model, ids, n, penalty=1.0):
     """Greedy decoding with a full forward pass per token (no KV cache) and the penalty written out."""
     ids = list(ids)
