@@ -466,8 +466,10 @@ class Doge(nn.Module):
                  if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
         atomic_save(os.path.join(out_dir, "model.safetensors"),
                     lambda p: save_file(state, p, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_hf_dict(), indent=2) + "\n"
-        atomic_save(os.path.join(out_dir, "config.json"), lambda p: open(p, "w").write(text))
+        def write_config(p):
+            with open(p, "w") as f:
+                json.dump(self.config.to_hf_dict(), f, indent=2)
+        atomic_save(os.path.join(out_dir, "config.json"), write_config)
 
 def download_from_hub(hub_id):
     """Local snapshot directory of a hub id (config and weights only); one line when it cannot be had."""
