@@ -212,6 +212,10 @@ def main(argv=None):
     model, tok = load(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.chat:
+        try:
+            import readline  # noqa: F401 -- importing it gives input() line editing and history
+        except ImportError:  # Windows
+            pass
         chat(model, tok, cfg)
     else:
         complete(model, tok, prompt, cfg)
