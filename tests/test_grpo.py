@@ -1,0 +1,117 @@
+"""GRPO: the loss against a hand computation for every aggregation, advantages, the completion mask, the
+rewards on hand-written completions, and a short run on the arithmetic task that raises the held-out reward."""
+import math
+
+import pytest
+import torch
+
+import train_grpo
+from train_grpo import grpo_loss, group_advantages, completion_mask, accuracy_reward, format_reward
+
+# two completions of three tokens; the first has only two (its third position is after EOS)
+LOGPS = [[-1.0, -0.5, -2.0], [-0.2, -1.5, -0.7]]
+OLD_LOGPS = [[-1.5, -0.5, -1.0], [-0.1, -1.0, -1.2]]  # ratios e^0.5, 1, e^-1 | e^-0.1, e^-0.5, e^0.5
+REF_LOGPS = [[-0.8, -0.9, -3.0], [-0.4, -1.2, -0.3]]
+ADVANTAGES = [1.0, -2.0]
+MASK = [[1, 1, 0], [1, 1, 1]]
+
+
+def hand_per_token(epsilon, beta):
+    """l = -min(rho A, clip(rho) A) + beta (e^(ref-logp) - (ref-logp) - 1), one token at a time."""
+    losses = []
+    for logps, olds, refs, a in zip(LOGPS, OLD_LOGPS, REF_LOGPS, ADVANTAGES):
+        row = []
+        for logp, old, ref in zip(logps, olds, refs):
+            rho = math.exp(logp - old)
+            clipped = min(max(rho, 1 - epsilon), 1 + epsilon)
+            row.append(-min(rho * a, clipped * a) + beta * (math.exp(ref - logp) - (ref - logp) - 1))
+        losses.append(row)
+    return losses
+
+
+def loss_of(**kwargs):
+    t = lambda x: torch.tensor(x, dtype=torch.float32)
+    return grpo_loss(t(LOGPS), t(OLD_LOGPS), t(REF_LOGPS), t(ADVANTAGES), torch.tensor(MASK), **kwargs).item()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_loss_matches_hand_computation(beta):
+    epsilon = 0.2
+    per_token = hand_per_token(epsilon, beta)
+    # the clip is active: token 0 of row 0 (rho = e^0.5 > 1.2, A > 0) and token 2 of row 1 (rho = e^0.5, A < 0
+    # takes the min with the unclipped rho) and token 1 of row 1 (rho = e^-0.5 < 0.8, A < 0 -> clipped)
+    assert per_token[0][0] == pytest.approx(-1.2 * 1.0 + beta * (math.exp(0.2) - 0.2 - 1))
+    assert per_token[1][1] == pytest.approx(0.8 * 2.0 + beta * (math.exp(0.3) - 0.3 - 1))
+    masked = [[l * m for l, m in zip(row, mask)] for row, mask in zip(per_token, MASK)]
+    sequence_means = [sum(row) / sum(mask) for row, mask in zip(masked, MASK)]
+    expected = {"grpo": sum(sequence_means) / 2,
+                "bnpo": sum(map(sum, masked)) / 5,
+                "dr_grpo": sum(map(sum, masked)) / (2 * 8)}
+    for loss_type, value in expected.items():
+        assert loss_of(epsilon=epsilon, beta=beta, loss_type=loss_type, max_completion_length=8) == \
+            pytest.approx(value, rel=1e-6), loss_type
+
+
+def test_gradient_is_advantage_times_score_when_policy_sampled():
+    """num_iterations = 1: pi_old = pi detached, so rho = 1 and dloss/dlogp_t = -A_i / |o_i| / N (grpo)."""
+    logps = torch.tensor(LOGPS, requires_grad=True)
+    loss = grpo_loss(logps, logps.detach(), None, torch.tensor(ADVANTAGES), torch.tensor(MASK))
+    loss.backward()
+    expected = [[-1.0 / 2 / 2, -1.0 / 2 / 2, 0.0], [2.0 / 3 / 2] * 3]
+    assert torch.allclose(logps.grad, torch.tensor(expected))
+    assert loss.item() == pytest.approx(-(1.0 + -2.0) / 2)  # -mean(A) when rho = 1
+
+
+def test_unknown_loss_type_and_missing_length_are_errors():
+    with pytest.raises(ValueError, match="loss_type"):
+        loss_of(loss_type="ppo")
+    with pytest.raises(ValueError, match="max_completion_length"):
+        loss_of(loss_type="dr_grpo")
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
+    advantages = group_advantages(rewards, num_generations=4)
+    std = math.sqrt(4 * 0.25 / 3)  # Bessel: sum of squared deviations / (G - 1)
+    assert torch.allclose(advantages[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
+    assert torch.equal(advantages[4:], torch.zeros(4))  # equal rewards: no signal
+    unscaled = group_advantages(rewards, num_generations=4, scale_rewards=False)
+    assert torch.allclose(unscaled, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+
+
+def test_tokens_after_eos_carry_no_loss():
+    eos, stop = 2, [2, 3]
+    completions = torch.tensor([[5, 6, 2, 2, 2], [7, 3, 9, 2, 4], [5, 5, 5, 5, 5]])
+    mask = completion_mask(completions, stop)
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]  # the stop token is learned
+    logps = torch.randn(3, 5, requires_grad=True)
+    for loss_type in ("grpo", "bnpo", "dr_grpo"):
+        loss = grpo_loss(logps, logps.detach() + 0.1, logps.detach() - 0.3, torch.tensor([1.0, -1.0, 0.5]),
+                         mask, beta=0.1, loss_type=loss_type, max_completion_length=5)
+        grad, = torch.autograd.grad(loss, logps)
+        assert torch.all(grad[mask == 0] == 0) and torch.all(grad[mask == 1] != 0), loss_type
+
+
+def test_rewards_on_hand_written_completions():
+    completions = [
+        "<think>4+5=9, write 9\n4+5=9</think><answer>9</answer>",  # well-formed, right
+        "<think>\n1*7=7</think>\n<answer> 1,000.0 </answer>\n",  # well-formed, right after normalisation
+        "<think>4+5=8</think><answer>8</answer>",  # well-formed, wrong
+        "<answer>9</answer>",  # no thinking
+        "<think>4+5=9</think><answer>9</answer> and more",  # text after the answer
+        "<think>4+5=9<answer>9</answer></think><answer>9</answer>",  # nested tag
+        "<think>4+5=9</think><answer>9",  # unfinished
+        "",
+    ]
+    answers = ["9", "1000", "9", "9", "9", "9", "9", "9"]
+    assert accuracy_reward(completions, answers) == [1, 1, 0, 1, 1, 1, 0, 0]
+    assert format_reward(completions, answers) == [1, 1, 1, 0, 0, 0, 0, 0]
+    rewards, total = train_grpo.score(completions[:3], answers[:3], {"accuracy": 1.0, "format": 0.5})
+    assert total.tolist() == [1.5, 1.5, 0.5] and rewards["format"].tolist() == [1, 1, 1]
+
+
+def test_latex_answers_with_math_verify():
+    pytest.importorskip("math_verify", reason="math_verify is optional (pip install math-verify)")
+    completions = ["<think>half</think><answer>\\frac{1}{2}</answer>", "<think>x</think><answer>0.5</answer>",
+                   "<think>x</think><answer>\\frac{1}{3}</answer>"]
+    assert accuracy_reward(completions, ["\\frac{1}{2}", "\\frac{1}{2}", "\\frac{1}{2}"]) == [1, 1, 0]

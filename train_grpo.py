@@ -1,0 +1,408 @@
+"""
+Reinforcement learning with verifiable rewards: GRPO (DeepSeekMath, arXiv 2402.03300), in the conventions of
+TRL's GRPOTrainer. Each step samples G completions per prompt from the current policy, scores them with plain
+reward functions, and pushes up the log-probability of the completions that beat their group's mean.
+
+    python train_grpo.py config/grpo_tiny.py                       # offline: arithmetic prompts after SFT
+    python train_grpo.py config/grpo_doge_20m.py
+    torchrun --nproc_per_node=8 train_grpo.py config/grpo_doge_20m.py
+    # NuminaMath-TIR: python prepare_data.py --dataset=none --tokenizer=<data dir of the model> --sft=none \
+    #                     --dpo=none --grpo=numinamath
+    #                 python train_grpo.py config/grpo_doge_20m.py --data_dir=data/numinamath
+
+The prompts are data_dir/grpo_train.jsonl ({"messages": [system, user], "answer"} per line); the held-out
+reward and accuracy are measured on data_dir/test.jsonl with greedy decoding.
+"""
+import os
+import re
+import copy
+import json
+import math
+import time
+import signal
+import dataclasses
+import contextlib
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import common
+from tokenizer import render_chat, extract_answer, normalize_answer
+from train_pt import setup_training
+
+try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
+    import math_verify
+except ImportError:
+    math_verify = None
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out/grpo",
+    init_from="out/sft",  # a nanodoge checkpoint (out dir or ckpt file), a Hugging Face Doge, or resume
+    data_dir="data/arithmetic",
+    eval_interval=50, eval_prompts=200, log_interval=1, ckpt_interval=50, keep_last=2,
+    # rollouts: prompts_per_step prompts (over all processes) x num_generations completions each
+    prompts_per_step=8, num_generations=8, temperature=1.0, max_completion_length=96,
+    # rewards: r_i = sum_k weight_k * reward_k(o_i), functions from REWARD_FUNCTIONS
+    reward_weights={"accuracy": 1.0, "format": 1.0},
+    # the GRPO objective (TRL's defaults)
+    loss_type="grpo",  # grpo | bnpo | dr_grpo
+    epsilon=0.2, beta=0.0, num_iterations=1, scale_rewards=True,
+    batch_size=16,  # completions per forward/backward pass (gradient accumulation over the step's completions)
+    # optimizer and schedule
+    max_steps=200, learning_rate=1e-6, schedule="wsd", warmup_ratio=0.0, decay_ratio=0.0, min_lr_rate=0.0,
+    decay_shape="linear", weight_decay=0.0, beta1=0.9, beta2=0.99, grad_clip=1.0,
+    # system
+    seed=1337, device="auto", dtype="bfloat16",
+)
+
+# -----------------------------------------------------------------------------
+# rewards: plain functions (completions, answers) -> list[float]; add one here and name it in reward_weights
+
+def answer_text(completion):
+    """The raw content of the first <answer>...</answer> (extract_answer's, before normalisation)."""
+    match = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
+    return match.group(1).strip() if match else None
+
+def answers_match(completion, reference):
+    """Equal after numeric normalisation ("1,000.0" == "1000"), or mathematically equal per math_verify."""
+    predicted = extract_answer(completion)
+    if predicted is None:
+        return False
+    if predicted == normalize_answer(str(reference)):
+        return True
+    if math_verify is None:
+        return False
+    gold = math_verify.parse(f"${reference}$")
+    return bool(gold) and math_verify.verify(gold, math_verify.parse(f"${answer_text(completion)}$"))
+
+def accuracy_reward(completions, answers):
+    return [float(answers_match(c, a)) for c, a in zip(completions, answers)]
+
+# a <think> block then an <answer> block, whitespace around them allowed, no tag nested, nothing else
+NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
+FORMAT = re.compile(rf"\s*<think>{NO_TAG}</think>\s*<answer>{NO_TAG}</answer>\s*", re.DOTALL)
+
+def format_reward(completions, answers):
+    return [float(FORMAT.fullmatch(c) is not None) for c in completions]
+
+REWARD_FUNCTIONS = {"accuracy": accuracy_reward, "format": format_reward}
+
+def score(completions, answers, reward_weights):
+    """({name: rewards [N]}, total [N]) with total r_i = sum_k w_k * reward_k(o_i)."""
+    rewards = {name: torch.tensor(REWARD_FUNCTIONS[name](completions, answers), dtype=torch.float32)
+               for name in reward_weights}
+    total = sum(reward_weights[name] * r for name, r in rewards.items())
+    return rewards, total
+
+# -----------------------------------------------------------------------------
+# the GRPO objective
+
+def group_advantages(rewards, num_generations, scale_rewards=True):
+    """A_i = (r_i - mean(r)) / (std(r) + 1e-4) within each group of num_generations consecutive completions
+    (Bessel-corrected std, as TRL); r_i - mean(r) with scale_rewards off. Equal rewards -> zero advantage."""
+    grouped = rewards.view(-1, num_generations)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.flatten()
+
+def completion_mask(completions, stop_ids):
+    """1 on each completion's tokens up to and including its first stop token, 0 after it ([N, n] ints)."""
+    is_stop = torch.isin(completions, torch.tensor(stop_ids, device=completions.device))
+    stops_before = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()  # stop tokens strictly before t
+    return (stops_before == 0).int()
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0, loss_type="grpo",
+              max_completion_length=None):
+    """The clipped surrogate of DeepSeekMath eq. 3 with the k3 KL estimator. logps, old_logps, ref_logps and
+    mask are per completion token [N, T], advantages [N]. Per token: rho = pi/pi_old,
+    l = -min(rho*A, clip(rho, 1-eps, 1+eps)*A) + beta*(pi_ref/pi - log(pi_ref/pi) - 1).
+    Aggregated by loss_type: grpo = mean over each sequence's tokens, then over sequences; bnpo = mean over all
+    tokens of the batch; dr_grpo = sum / (N * max_completion_length) (Dr. GRPO, arXiv 2503.20783)."""
+    ratio = torch.exp(logps - old_logps)
+    advantages = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+    if beta != 0.0:
+        log_ref_ratio = ref_logps - logps
+        per_token = per_token + beta * (torch.exp(log_ref_ratio) - log_ref_ratio - 1)
+    mask = mask.to(per_token.dtype)
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    if loss_type == "bnpo":
+        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("loss_type=dr_grpo divides by max_completion_length: pass it")
+        return (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
+    raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, got {loss_type!r}")
+
+@torch.no_grad()
+def grpo_stats(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2):
+    """Token fractions where the clip removed the gradient (ratio beyond 1+-eps in the advantage's direction),
+    and the mean k3 KL to the reference (0 without one)."""
+    ratio, advantages, mask = torch.exp(logps - old_logps), advantages.unsqueeze(1), mask.float()
+    clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon) & (advantages > 0))
+    tokens = mask.sum().clamp(min=1)
+    kl = 0.0
+    if ref_logps is not None:
+        log_ref_ratio = ref_logps - logps
+        kl = ((torch.exp(log_ref_ratio) - log_ref_ratio - 1) * mask).sum().item() / tokens.item()
+    return (clipped.float() * mask).sum().item() / tokens.item(), kl
+
+# -----------------------------------------------------------------------------
+# rollouts
+
+def prompts_of_step(seed, step, prompts_per_step, num_prompts):
+    """Indices of the step's prompts: each epoch a fresh permutation, a pure function of (seed, step)."""
+    indices = []
+    for k in range(step * prompts_per_step, (step + 1) * prompts_per_step):
+        epoch, position = divmod(k, num_prompts)
+        indices.append(int(np.random.default_rng([seed, epoch]).permutation(num_prompts)[position]))
+    return indices
+
+@torch.no_grad()
+def rollout(model, prompts, num_generations, max_completion_length, temperature, stop_ids):
+    """num_generations sampled completions of each prompt (token lists) through the KV-cached generator.
+    Prompts of equal length share one batch (generate takes equal-length rows). Returns a list, per prompt,
+    of [G, n] completion tensors."""
+    device = next(model.parameters()).device
+    by_length = {}
+    for i, prompt in enumerate(prompts):
+        by_length.setdefault(len(prompt), []).append(i)
+    completions = [None] * len(prompts)
+    for length, indices in by_length.items():
+        idx = torch.tensor([prompts[i] for i in indices for _ in range(num_generations)], device=device)
+        out = model.generate(idx, max_completion_length, temperature=temperature, eos_token_id=stop_ids)
+        for k, i in enumerate(indices):
+            completions[i] = out[k * num_generations:(k + 1) * num_generations, length:]
+    return completions
+
+def decode_completions(tok, completions, mask, stop_ids):
+    """Text of each completion before its first stop token."""
+    texts = []
+    for row, row_mask in zip(completions.tolist(), mask.tolist()):
+        row = row[:sum(row_mask)]
+        texts.append(tok.decode(row[:-1] if row and row[-1] in stop_ids else row))
+    return texts
+
+def pad_sequences(prompts, completions, masks, pad_id, device):
+    """Prompt + completion rows right-padded to one length ([N, L] ids), and the loss mask of each row's
+    label positions ([N, L-1]: 1 where the label is a completion token before or at the first stop)."""
+    rows = [(p + c, [0] * len(p) + m) for p, c, m in zip(prompts, completions, masks)]
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _ in rows], device=device)
+    mask = torch.tensor([m + [0] * (length - len(m)) for _, m in rows], device=device)
+    return ids, mask[:, 1:]
+
+def completion_logps(model, ids):
+    """log pi(x_t | x_<t) for every label position t >= 1 of ids [N, L] -> [N, L-1], float32."""
+    logits, _ = model(ids[:, :-1])
+    return common.token_logprobs(logits, ids[:, 1:])
+
+# -----------------------------------------------------------------------------
+
+def load_prompts(data_dir, name):
+    path = os.path.join(data_dir, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: run `python prepare_data.py` first")
+    examples = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                example = json.loads(line)
+                assert isinstance(example["messages"], list) and "answer" in example
+            except (ValueError, KeyError, TypeError, AssertionError):
+                raise ValueError(f"{path}:{n} is not a {{\"messages\": [...], \"answer\": ...}} line: "
+                                 "re-run prepare_data.py") from None
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path} holds no prompts: re-run prepare_data.py")
+    return examples
+
+def check_config(cfg, world_size):
+    unknown = set(cfg.reward_weights) - set(REWARD_FUNCTIONS)
+    if unknown or not cfg.reward_weights:
+        raise ValueError(f"reward_weights names {sorted(unknown) or 'nothing'}: choose from {sorted(REWARD_FUNCTIONS)}")
+    if cfg.loss_type not in ("grpo", "bnpo", "dr_grpo"):
+        raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, got {cfg.loss_type!r}")
+    if cfg.num_generations < 2:
+        raise ValueError("num_generations must be >= 2: advantages compare completions within a group")
+    if cfg.prompts_per_step % world_size:
+        raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the {world_size} processes")
+    if cfg.num_iterations < 1:
+        raise ValueError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
+
+@torch.no_grad()
+def evaluate(model, tok, examples, cfg, run):
+    """Greedy completions of the held-out prompts: answer accuracy and the mean of every reward."""
+    with run.autocast():
+        accuracy, completions = common.evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
+    rewards, total = score(completions, [ex["answer"] for ex in examples], cfg.reward_weights)
+    return dict(accuracy=accuracy, reward=total.mean().item(),
+                **{f"rewards/{name}": r.mean().item() for name, r in rewards.items()})
+
+def main(argv=None):
+    cfg = common.load_config(DEFAULTS, argv)
+    run = setup_training(cfg)
+    check_config(cfg, run.world_size)
+    train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")
+    test_examples = load_prompts(cfg.data_dir, "test.jsonl")[:cfg.eval_prompts]
+    resuming = cfg.init_from == "resume"
+    if resuming and not common.checkpoint_paths(cfg.out_dir):
+        raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
+    model, tok, checkpoint = common.load_model(cfg.out_dir if resuming else cfg.init_from, run.device)
+    if resuming and checkpoint.get("stage") != "grpo":
+        raise ValueError(f"{cfg.out_dir} holds a {checkpoint.get('stage')} checkpoint, not a GRPO one: "
+                         "pass it as init_from to start GRPO from it")
+    # the frozen reference of the KL term is the starting policy, also after any number of resumes
+    start_from = checkpoint["start_from"] if resuming else cfg.init_from
+    reference = None
+    if cfg.beta != 0.0:
+        reference = common.load_model(start_from, run.device)[0] if resuming else copy.deepcopy(model)
+        reference.requires_grad_(False).eval()
+    stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), fused=run.device.type == "cuda")
+    start_step = 0
+    if resuming:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_step = checkpoint["step"]
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if run.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    ddp_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) \
+        if run.world_size > 1 else model
+    scaler = torch.amp.GradScaler(enabled=run.dtype == "float16")
+    prompts_per_rank = cfg.prompts_per_step // run.world_size
+    completions_per_rank = prompts_per_rank * cfg.num_generations
+    if run.master:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.prompts_per_step} prompts "
+              f"x {cfg.num_generations} completions per step | {len(train_examples)} prompts, "
+              f"{len(test_examples)} held out | {run.device} {run.dtype}")
+
+    def save(step):  # step = the next step to run
+        state = dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+                     optimizer=optimizer.state_dict(), step=step, config=vars(cfg), tokenizer=tok.state(),
+                     stage="grpo", start_from=start_from, rng=dict(cpu=torch.get_rng_state(),
+                                            cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+        if run.master:
+            print(f"saved {common.save_checkpoint(cfg.out_dir, step, state, cfg.keep_last)}")
+
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+
+    def log(record, line):
+        if run.master:
+            print(line, flush=True)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_eval(step):
+        record = dict(step=step, **evaluate(model, tok, test_examples, cfg, run))
+        log(record, f"eval step {step} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                                                 if k != "step"))
+
+    if run.master and start_step == 0:
+        if os.path.exists(log_path):
+            os.remove(log_path)
+        log_eval(0)  # the starting point every later number is compared with
+    stop_signal = []  # SIGINT/SIGTERM: finish the current step, save, exit
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    for step in range(start_step, cfg.max_steps):
+        step_start = time.perf_counter()
+        lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio,
+                          cfg.decay_ratio, cfg.min_lr_rate, cfg.decay_shape)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # 1. rollouts: this process's share of the step's prompts, G completions each, from the current policy
+        indices = prompts_of_step(cfg.seed, step, cfg.prompts_per_step, len(train_examples))
+        examples = [train_examples[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
+        prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
+        model.eval()
+        with run.autocast():
+            groups = rollout(model, prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature, stop_ids)
+        model.train()
+        rollout_seconds = time.perf_counter() - step_start
+        masks = [completion_mask(group, stop_ids) for group in groups]
+        completion_tokens = sum(m.sum().item() for m in masks)
+
+        # 2. rewards and group-relative advantages
+        texts = [t for group, mask in zip(groups, masks) for t in decode_completions(tok, group, mask, stop_ids)]
+        answers = [ex["answer"] for ex in examples for _ in range(cfg.num_generations)]
+        rewards, total_reward = score(texts, answers, cfg.reward_weights)
+        advantages = group_advantages(total_reward, cfg.num_generations, cfg.scale_rewards).to(run.device)
+
+        # 3. num_iterations updates on these completions, ratios taken to the policy that sampled them
+        ids, mask = pad_sequences([p for p in prompts for _ in range(cfg.num_generations)],
+                                  [row for group in groups for row in group.tolist()],
+                                  [row for m in masks for row in m.tolist()], tok.eos_id, run.device)
+        micro_batches = [slice(i, i + cfg.batch_size) for i in range(0, completions_per_rank, cfg.batch_size)]
+        old_logps, ref_logps = [None] * len(micro_batches), [None] * len(micro_batches)
+        with torch.no_grad(), run.autocast():
+            for k, rows in enumerate(micro_batches):
+                if cfg.num_iterations > 1:  # with one pass, pi_old = pi detached (the ratio is 1)
+                    old_logps[k] = completion_logps(model, ids[rows])
+                if reference is not None:
+                    ref_logps[k] = completion_logps(reference, ids[rows])
+        loss_sum, clipped_sum, kl_sum = 0.0, 0.0, 0.0
+        for iteration in range(cfg.num_iterations):
+            for k, rows in enumerate(micro_batches):
+                last = k == len(micro_batches) - 1
+                no_sync = ddp_model.no_sync() if ddp_model is not model and not last else contextlib.nullcontext()
+                with no_sync:
+                    with run.autocast():
+                        logps = completion_logps(ddp_model, ids[rows])
+                    old = logps.detach() if old_logps[k] is None else old_logps[k]
+                    loss = grpo_loss(logps, old, ref_logps[k], advantages[rows], mask[rows], cfg.epsilon,
+                                     cfg.beta, cfg.loss_type, cfg.max_completion_length) / len(micro_batches)
+                    scaler.scale(loss).backward()
+                clipped, kl = grpo_stats(logps, old, ref_logps[k], advantages[rows], mask[rows], cfg.epsilon)
+                loss_sum += loss.item() / cfg.num_iterations
+                clipped_sum += clipped / len(micro_batches) / cfg.num_iterations
+                kl_sum += kl / len(micro_batches) / cfg.num_iterations
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and run.dtype != "float16"):
+                raise ValueError(f"loss {loss_sum} / grad norm {grad_norm} at step {step}: stopping; the last good "
+                                 f"checkpoint in {cfg.out_dir} is intact (lower learning_rate)")
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        seconds = time.perf_counter() - step_start
+        if run.master and (step % cfg.log_interval == 0 or step == cfg.max_steps - 1):
+            record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm, reward=total_reward.mean().item(),
+                          reward_std=total_reward.view(-1, cfg.num_generations).std(dim=1).mean().item(),
+                          completion_length=completion_tokens / len(texts), clip_fraction=clipped_sum, kl=kl_sum,
+                          rollout_tokens_per_s=completion_tokens / rollout_seconds, step_seconds=seconds)
+            for name, r in rewards.items():
+                record[f"rewards/{name}/mean"], record[f"rewards/{name}/std"] = r.mean().item(), r.std().item()
+            per_function = "".join(f" | {name} {r.mean().item():.3f}" for name, r in rewards.items())
+            log(record, f"step {step} | loss {loss_sum:.4f} | reward {record['reward']:.3f} "
+                        f"± {record['reward_std']:.3f}{per_function} | length {record['completion_length']:.1f} | "
+                        f"clip {clipped_sum:.3f} | kl {kl_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                        f"{record['rollout_tokens_per_s']:,.0f} rollout tok/s | {seconds:.2f} s/step")
+        last_step = step == cfg.max_steps - 1
+        if run.master and (step % cfg.eval_interval == cfg.eval_interval - 1 or last_step):
+            log_eval(step + 1)
+        if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
+            save(step + 1)
+        if stop_signal:
+            print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+            break
+    if run.master and not stop_signal:
+        export_dir = os.path.join(cfg.out_dir, "hf")
+        model.save_pretrained(export_dir)
+        tok.save(export_dir)
+        print(f"exported the final model to {export_dir} (Hugging Face format)")
+    if run.world_size > 1:
+        dist.destroy_process_group()
+    return model
+
+if __name__ == "__main__":
+    common.run(main)
