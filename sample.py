@@ -95,9 +95,10 @@ def stream_tokens(model, prompt_ids, cfg, max_new_tokens, stop_ids=None):
 
 
 def stream_text(tok, token_ids):
-    """Yield (token id, the text it adds) per token. The whole completion so far is decoded and its new suffix
-    yielded, since a token may hold only some bytes of a character (its text is held back until the character
-    is complete) and BPE pieces decoded one by one can differ from the same pieces decoded together."""
+    """Yield (token id, the text it adds) per token. The line so far is decoded and its new suffix yielded,
+    since a token may hold only some bytes of a character (its text is held back until the character is
+    complete) and BPE pieces decoded one by one can differ from the same pieces decoded together. A finished
+    line is dropped (as transformers' TextStreamer does), so a long completion costs no more per token."""
     ids, shown = [], ""
     for token in token_ids:
         ids.append(token)
@@ -106,7 +107,7 @@ def stream_text(tok, token_ids):
             yield token, ""
             continue
         yield token, text[len(shown):]
-        shown = text
+        ids, shown = ([], "") if text.endswith("\n") else (ids, text)
 
 
 def complete(model, tok, prompt, cfg, out=None):
