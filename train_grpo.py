@@ -42,7 +42,7 @@ DEFAULTS = dict(
     out_dir="out/grpo",
     init_from="out/sft",  # a nanodoge checkpoint (out dir or ckpt file), a Hugging Face Doge, or resume
     data_dir="data/arithmetic",
-    eval_interval=50, eval_prompts=200, log_interval=1, ckpt_interval=50, keep_last=2,
+    eval_interval=50, eval_prompts=200, eval_generations=4, log_interval=1, ckpt_interval=50, keep_last=2,
     # rollouts: prompts_per_step prompts (over all processes) x num_generations completions each
     prompts_per_step=8, num_generations=8, temperature=1.0, max_completion_length=96,
     # rewards: r_i = sum_k weight_k * reward_k(o_i), functions from REWARD_FUNCTIONS
@@ -236,11 +236,21 @@ def check_config(cfg, world_size):
         raise ValueError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
 
 @torch.no_grad()
-def evaluate(model, tok, examples, cfg, run):
-    """Greedy completions of the held-out prompts: answer accuracy and the mean of every reward."""
+def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
+    """Held-out numbers: greedy answer accuracy (what SFT and DPO report), and the mean reward of
+    eval_generations completions per prompt sampled as in training, which is what GRPO maximises. The samples
+    come from a fixed seed (the same draws at every evaluation), without disturbing the training RNG."""
+    model.eval()
     with run.autocast():
-        accuracy, completions = common.evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
-    rewards, total = score(completions, [ex["answer"] for ex in examples], cfg.reward_weights)
+        accuracy, _ = common.evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            torch.manual_seed(cfg.seed)
+            groups = rollout(model, prompts, cfg.eval_generations, cfg.max_completion_length, cfg.temperature,
+                             stop_ids)
+    model.train()
+    texts = [t for group in groups for t in decode_completions(tok, group, completion_mask(group, stop_ids), stop_ids)]
+    rewards, total = score(texts, [ex["answer"] for ex in examples for _ in range(cfg.eval_generations)],
+                           cfg.reward_weights)
     return dict(accuracy=accuracy, reward=total.mean().item(),
                 **{f"rewards/{name}": r.mean().item() for name, r in rewards.items()})
 
@@ -264,6 +274,7 @@ def main(argv=None):
         reference = common.load_model(start_from, run.device)[0] if resuming else copy.deepcopy(model)
         reference.requires_grad_(False).eval()
     stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
+    test_prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in test_examples]
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
                                   betas=(cfg.beta1, cfg.beta2), fused=run.device.type == "cuda")
     start_step = 0
@@ -300,7 +311,7 @@ def main(argv=None):
                 f.write(json.dumps(record) + "\n")
 
     def log_eval(step):
-        record = dict(step=step, **evaluate(model, tok, test_examples, cfg, run))
+        record = dict(step=step, **evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run))
         log(record, f"eval step {step} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()
                                                                  if k != "step"))
 
