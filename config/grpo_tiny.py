@@ -1,0 +1,23 @@
+# GRPO for the offline quickstart: the tiny model after SFT and DPO on the built-in arithmetic prompts, ~4 minutes
+# on a 2-core CPU (~7 s a step). Rewards: answer accuracy + the <think>/<answer> format. The held-out numbers
+# logged at step 0 and at the end: greedy answer accuracy and the mean reward of sampled completions.
+# Usage: python train_grpo.py config/grpo_tiny.py
+
+init_from = "out/dpo"
+out_dir = "out/grpo"
+data_dir = "data/arithmetic"
+
+prompts_per_step = 8
+num_generations = 8
+max_completion_length = 96
+max_steps = 30
+learning_rate = 1e-4
+batch_size = 64
+
+eval_interval = 1000  # held-out numbers at the start and the end only
+eval_prompts = 64
+eval_generations = 2
+log_interval = 5
+ckpt_interval = 1000
+
+dtype = "float32"  # bf16 only pays off on CPUs with AMX / AVX-512 bf16
