@@ -1,8 +1,10 @@
 """GRPO: the loss against a hand computation for every aggregation, advantages, the completion mask, the
-rewards on hand-written completions, and a short run on the arithmetic task that raises the held-out reward."""
+rewards on hand-written completions, a short run on the arithmetic task that raises the held-out reward, exact
+resume, and the whole offline chain (run_chain.sh) at toy sizes."""
 import json
 import math
 import os
+import subprocess
 
 import pytest
 import torch
@@ -203,3 +205,24 @@ def test_one_line_errors(sft_model, tmp_path):
         train_grpo.main(base + [f"--data_dir={tmp_path}"])
     with pytest.raises(ValueError, match="not a GRPO one"):
         train_grpo.main(base + ["--init_from=resume", f"--out_dir={root / 'sft'}"])
+
+
+def test_offline_chain_runs_end_to_end(tmp_path):
+    """run_chain.sh at toy sizes (2 steps a stage): every stage starts from the one before and prints its number."""
+    toy_model = ("--hidden_size=32 --intermediate_size=64 --num_hidden_layers=1 --num_attention_heads=2 "
+                 "--num_key_value_heads=1 --max_position_embeddings=512 --keep_window_size=512")
+    env = dict(os.environ, OUT=str(tmp_path),
+               PT_ARGS=f"{toy_model} --seq_len=32 --batch_size=2 --batch_tokens=64 --eval_batches=1",
+               SFT_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --max_new_tokens=8",
+               DPO_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2",
+               GRPO_ARGS="--prompts_per_step=2 --num_generations=2 --eval_prompts=2 --max_completion_length=8 "
+                         "--batch_size=4")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(["bash", "run_chain.sh", "--max_steps=2", "--device=cpu", "--dtype=float32"], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for line in ("== val loss (step 1): val_loss", "== after SFT (step 1): accuracy",
+                 "== after DPO (step 1): val_rewards/accuracies", "== after DPO (step 0): accuracy",
+                 "== after GRPO (step 2): accuracy", "== the chain in"):
+        assert line in result.stdout, line
+    assert common.checkpoint_paths(str(tmp_path / "grpo"))
