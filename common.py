@@ -48,6 +48,13 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
 
+def write_file(path, data):
+    """Write bytes or text to path atomically."""
+    def write(tmp_path):
+        with open(tmp_path, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    atomic_write(path, write)
+
 # -----------------------------------------------------------------------------
 # binary arrays: a 256 x int32 header (magic, version, dtype code, count) then the raw data,
 # so a loader rejects foreign and truncated files (the llm.c token-file idea)
@@ -324,25 +331,24 @@ def token_logprobs(logits, labels):
 @torch.no_grad()
 def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
     """Greedy answers to chat prompts, scored by exact match of the <answer> content with example["answer"].
-    Prompts are batched by length (generate takes equal-length batches). Returns (accuracy, completions)."""
+    Prompts go in left-padded batches of similar length. Returns (accuracy, completions)."""
+    from model import left_pad
     from tokenizer import render_chat, extract_answer, normalize_answer
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
     prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
-    by_length = {}
-    for i, ids in enumerate(prompts):
-        by_length.setdefault(len(ids), []).append(i)
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions = [None] * len(examples)
-    for length, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            idx = torch.tensor([prompts[i] for i in chunk], device=device)
-            out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids)
-            for i, row in zip(chunk, out[:, length:].tolist()):
-                row = row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))]
-                completions[i] = tok.decode(row)
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start:start + batch_size]
+        idx, attention_mask = left_pad([prompts[i] for i in chunk], tok.eos_id, device)
+        out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids,
+                             attention_mask=attention_mask)
+        for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
+            row = row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))]
+            completions[i] = tok.decode(row)
     model.train(was_training)
     correct = sum(extract_answer(c) == normalize_answer(str(ex["answer"]))
                   for c, ex in zip(completions, examples))

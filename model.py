@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from common import atomic_write, write_file
+
 # -----------------------------------------------------------------------------
 # configuration
 
@@ -153,9 +155,10 @@ def causal_attention_folded(q, k, v, dt, dropout_p):
 
 class KVCache:
     """Keys, values and each key's dynamic-mask value dt for every layer, preallocated for max_len positions,
-    so a decode step computes dt_proj for its new key only."""
-    def __init__(self, num_layers, max_len):
-        self.max_len, self.length = max_len, 0
+    so a decode step computes dt_proj for its new key only. padding [B, T] marks the left pads of a batch of
+    prompts of unequal length: their dt is set to PAD_BIAS once, so no query ever attends to them."""
+    def __init__(self, num_layers, max_len, padding=None):
+        self.max_len, self.length, self.padding = max_len, 0, padding
         self.k, self.v, self.dt = [None] * num_layers, [None] * num_layers, [None] * num_layers
 
     def update(self, layer, k, v, dt):
@@ -166,10 +169,16 @@ class KVCache:
             self.v[layer] = v.new_empty(B, G, self.max_len, D)
             self.dt[layer] = dt.new_empty(B, G, self.max_len)
         start, end = self.length, self.length + k.size(2)
+        if self.padding is not None and start == 0:
+            dt = dt.masked_fill(self.padding[:, None, :end], PAD_BIAS)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         self.dt[layer][:, :, start:end] = dt
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end], self.dt[layer][:, :, :end]
+
+# The bias of a pad key: the most negative float16, finite in every dtype, so softmax gives it weight 0 and a
+# query that sees only pads (a pad itself) gets a uniform average instead of NaN.
+PAD_BIAS = -65504.0
 
 class DogeAttention(nn.Module):
     """Dynamic mask attention: GQA whose additive mask comes from the keys' values,
@@ -199,7 +208,7 @@ class DogeAttention(nn.Module):
         if cache is not None:
             k, v, dt = cache.update(self.layer_idx, k, v, dt)
         dropout_p = self.attention_dropout if self.training else 0.0
-        if k.size(2) == T and T <= self.keep_window_size:
+        if k.size(2) == T and T <= self.keep_window_size and (cache is None or cache.padding is None):
             y = causal_attention_folded(q, k, v, dt, dropout_p)
         else:
             y = attention_with_bias(q, k, v, dynamic_mask(dt, T, self.keep_window_size), dropout_p)
@@ -353,19 +362,28 @@ class Doge(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-                        repetition_penalty=1.0):
-        """Yield the next token of every row ([B]) up to max_new_tokens times, with a KV cache. Rows that
+                        repetition_penalty=1.0, attention_mask=None):
+        """Yield the next token of every row ([B]) up to max_new_tokens times, with a KV cache. Prompts of unequal
+        length come left-padded, with attention_mask [B, T] 0 on the pads (see left_pad): RoPE scores depend on
+        relative positions only, so a row's shift by its pads changes nothing once the pads are masked. Rows that
         produced an eos id continue with (the first) eos id; stops once every row has."""
         B, T = idx.shape
         self.check_input(idx)
         if T + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}: ask for fewer tokens or shorten the prompt")
+        padding = None
+        if attention_mask is not None and not attention_mask.all():
+            padding = attention_mask == 0
+            if (padding[:, 1:] & ~padding[:, :-1]).any() or padding[:, -1].any():
+                raise ValueError("attention_mask must be left padding: zeros before the ones of each row")
         eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=idx.device)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = KVCache(self.config.num_hidden_layers, T + max_new_tokens)
-        seen, new_ids = idx, idx
+        cache = KVCache(self.config.num_hidden_layers, T + max_new_tokens, padding)
+        # the repetition penalty's seen tokens: a pad counts as the row's last prompt token (already seen)
+        seen = idx if padding is None else torch.where(padding, idx[:, -1:], idx)
+        new_ids = idx
         for step in range(max_new_tokens):
             x, _ = self.hidden_states(new_ids, cache)
             logits = self.lm_head(x[:, -1])
@@ -383,10 +401,11 @@ class Doge(nn.Module):
                 seen = torch.cat((seen, new_ids), dim=1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-                 repetition_penalty=1.0):
-        """idx [B, T] (equal-length prompts) -> [B, T + n], n <= max_new_tokens; temperature 0 is greedy."""
+                 repetition_penalty=1.0, attention_mask=None):
+        """idx [B, T] -> [B, T + n], n <= max_new_tokens; temperature 0 is greedy. Prompts of unequal length:
+        left-padded, with attention_mask (left_pad makes both)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                        repetition_penalty))
+                                        repetition_penalty, attention_mask))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
     # -------------------------------------------------------------------------
@@ -464,12 +483,9 @@ class Doge(nn.Module):
         os.makedirs(out_dir, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
-        atomic_save(os.path.join(out_dir, "model.safetensors"),
-                    lambda p: save_file(state, p, metadata={"format": "pt"}))
-        def write_config(p):
-            with open(p, "w") as f:
-                json.dump(self.config.to_hf_dict(), f, indent=2)
-        atomic_save(os.path.join(out_dir, "config.json"), write_config)
+        atomic_write(os.path.join(out_dir, "model.safetensors"),
+                     lambda path: save_file(state, path, metadata={"format": "pt"}))
+        write_file(os.path.join(out_dir, "config.json"), json.dumps(self.config.to_hf_dict(), indent=2))
 
 def download_from_hub(hub_id):
     """Local snapshot directory of a hub id (config and weights only); one line when it cannot be had."""
@@ -507,18 +523,16 @@ def read_checkpoint_tensors(path):
                              "(corrupt or truncated?)") from None
     return state
 
-def atomic_save(path, write_fn):
-    """write_fn(tmp) then rename, so a failed save never leaves a half-written file under the final name."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write_fn(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
 # -----------------------------------------------------------------------------
 # sampling
+
+def left_pad(prompts, pad_id, device="cpu"):
+    """Token lists of unequal length -> (idx [B, T], attention_mask [B, T]) for generate: each row right-aligned
+    behind pad_id tokens (any id in the vocabulary), the mask 0 on those pads."""
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    attention_mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return idx, attention_mask
 
 def apply_repetition_penalty(logits, seen, penalty):
     """CTRL's penalty, as transformers applies it: logits of tokens already in the sequence are divided by

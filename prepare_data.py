@@ -519,40 +519,8 @@ def render_pair(tok, prompt, chosen, rejected):
 # -----------------------------------------------------------------------------
 # writing
 
-def write_json(path, obj):
-    def write(tmp_path):
-        with open(tmp_path, "w") as f:
-            json.dump(obj, f, indent=2)
-    common.atomic_write(path, write)
-
-
 def write_jsonl(path, examples):
-    def write(tmp_path):
-        with open(tmp_path, "w") as f:
-            for example in examples:
-                f.write(json.dumps(example) + "\n")
-    common.atomic_write(path, write)
-
-
-def write_tokenizer(tok, data_dir):
-    """The tokenizer file beside the data, and the meta.json entry that names it."""
-    state = tok.state()
-    if state["kind"] == "tiktoken":
-        return {"kind": "tiktoken", "name": state["name"]}
-    file_name, data = {"sentencepiece": ("tokenizer.model", state.get("model")),
-                       "hf": ("tokenizer.json", state.get("json", "").encode("utf-8"))}[state["kind"]]
-
-    def write(tmp_path):
-        with open(tmp_path, "wb") as f:
-            f.write(data)
-    common.atomic_write(os.path.join(data_dir, file_name), write)
-    return {"kind": state["kind"], "file": file_name}
-
-
-def write_meta(data_dir, tok, settings, **info):
-    meta = {"tokenizer": write_tokenizer(tok, data_dir), "vocab_size": tok.vocab_size,
-            "special_ids": tok.special_ids, "eos_id": tok.eos_id, **info, "settings": settings}
-    write_json(os.path.join(data_dir, "meta.json"), meta)
+    common.write_file(path, "".join(json.dumps(example) + "\n" for example in examples))
 
 
 def already_done(data_dir, settings, force):
@@ -620,8 +588,8 @@ def main(argv=None):
         train, val = encode_documents(tok, documents, args.max_tokens, args.max_tokens if streamed else None)
         common.write_array(os.path.join(pre_dir, "train.bin"), train)
         common.write_array(os.path.join(pre_dir, "val.bin"), val)
-        write_meta(pre_dir, tok, pre_settings, source=source, token_counts={"train": len(train), "val": len(val)},
-                   seed=args.seed)
+        tok.save(pre_dir, source=source, token_counts={"train": len(train), "val": len(val)}, seed=args.seed,
+                 settings=pre_settings)
         print(f"wrote {pre_dir}: {len(train):,} train and {len(val):,} val tokens ({source})")
     if post_todo:
         example_counts, token_counts = {}, {}
@@ -640,8 +608,8 @@ def main(argv=None):
                 rendered = [tk.render_chat(tok, ex["messages"], add_generation_prompt=True) for ex in examples]
             example_counts[name] = len(examples)
             token_counts[name] = sum(len(ids) for ids, _ in rendered)
-        write_meta(post_dir, tok, post_settings, source={"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo},
-                   token_counts=token_counts, example_counts=example_counts, seed=args.seed)
+        tok.save(post_dir, source={"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo}, token_counts=token_counts,
+                 example_counts=example_counts, seed=args.seed, settings=post_settings)
         print(f"wrote {post_dir}: " + ", ".join(f"{k} {v}" for k, v in example_counts.items()))
     print(f"done in {time.time() - t0:.1f}s")
 

@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tarfile
 
+import common
+
 # The special tokens every kind reserves. <|endoftext|> separates pre-training documents; the chat
 # control tokens frame turns (ChatML); the reasoning tags frame worked steps and the final answer.
 EOS = "<|endoftext|>"
@@ -110,6 +112,18 @@ class Tokenizer:
         """A picklable dict that embeds the tokenizer; tokenizer_from_state(state) rebuilds it."""
         return dict(self._state)
 
+    def save(self, directory, **meta):
+        """Write the tokenizer file (tokenizer.model or tokenizer.json; GPT-2 needs none) and a meta.json that
+        names it, plus any other meta entries given: load_tokenizer(directory) reads it back."""
+        kind = self._state["kind"]
+        entry = {"kind": kind, "name": self._state["name"]} if kind == "tiktoken" else \
+                {"kind": kind, "file": "tokenizer.model" if kind == "sentencepiece" else "tokenizer.json"}
+        if kind != "tiktoken":
+            common.write_file(os.path.join(directory, entry["file"]), self._state["model" if kind == "sentencepiece" else "json"])
+        info = {"tokenizer": entry, "vocab_size": self.vocab_size, "special_ids": self.special_ids,
+                "eos_id": self.eos_id, **meta}
+        common.write_file(os.path.join(directory, "meta.json"), json.dumps(info, indent=2))
+
     def special_id(self, name):
         if name not in self.special_ids:
             raise ValueError(f"{name!r} is not a special token; they are {SPECIAL_TOKENS}")
@@ -197,16 +211,20 @@ def train_sentencepiece(texts, vocab_size):
                     yield line[:8192]
 
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False,  # a small corpus may support fewer pieces; the model says how many
-        # lossless: no normalisation, spaces and newlines kept as they are, unknown characters as bytes
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True, byte_fallback=True, user_defined_symbols=["\n"],
-        split_digits=True,  # one digit per token: what makes multi-digit arithmetic learnable
-        # control symbols get reserved ids but are never matched in text; Tokenizer parses the tags itself
-        control_symbols=SPECIAL_TOKENS, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        max_sentence_length=8192 * 4, num_threads=os.cpu_count(), minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            hard_vocab_limit=False,  # a small corpus may support fewer pieces; the model says how many
+            # lossless: no normalisation, spaces and newlines kept as they are, unknown characters as bytes
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, byte_fallback=True, user_defined_symbols=["\n"],
+            split_digits=True,  # one digit per token: what makes multi-digit arithmetic learnable
+            # control symbols get reserved ids but are never matched in text; Tokenizer parses the tags itself
+            control_symbols=SPECIAL_TOKENS, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+            max_sentence_length=8192 * 4, num_threads=os.cpu_count(), minloglevel=2)
+    except RuntimeError as e:  # e.g. more distinct characters in the corpus than the vocabulary has room for
+        raise ValueError(f"sentencepiece could not train a {vocab_size}-token vocabulary: "
+                         f"{str(e).split('] ')[-1].split('. ')[0]}; use a larger vocab_size") from None
     return Tokenizer({"kind": "sentencepiece", "model": model.getvalue()})
 
 
@@ -284,7 +302,7 @@ def gpt2_encoding():
             if member is None:
                 raise ValueError(f"{sdist} has no whisper/assets/gpt2.tiktoken: delete it and retry")
             data = tar.extractfile(member).read()
-        _write_atomic_bytes(ranks_path, data)
+        common.write_file(ranks_path, data)
     with open(ranks_path, "rb") as f:
         data = f.read()
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
@@ -322,13 +340,6 @@ def pip_download(requirement, sha256):
                          "removed it; run again to download it afresh")
     return path
 
-
-def _write_atomic_bytes(path, data):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    with open(tmp_path, "wb") as f:
-        f.write(data)
-    os.replace(tmp_path, path)
 
 # -----------------------------------------------------------------------------
 # chat template (ChatML) and the reasoning format

@@ -113,6 +113,9 @@ def test_vocabulary_over_uint16_is_refused(tmp_path):
         tk.train_sentencepiece(["some text"], vocab_size=70_000)
     with pytest.raises(ValueError, match="65536"):
         prepare_data.main([f"--out_dir={tmp_path}", "--vocab_size=70000"])
+    # too small for the corpus's characters: sentencepiece's own error, said in one line
+    with pytest.raises(ValueError, match="use a larger vocab_size"):
+        tk.train_sentencepiece(["".join(map(chr, range(0x4E00, 0x4F00)))], vocab_size=300)
 
 
 def test_answers_are_normalised():

@@ -1,7 +1,6 @@
 """model.py against transformers' DogeForCausalLM (the reference), generation, checkpoints and bad input."""
 import os
 import json
-import math
 
 import pytest
 import torch
@@ -203,6 +202,19 @@ def test_batched_generation_equals_one_by_one():
     batched = model.generate(prompts, 8, temperature=0.0)
     for row in range(3):
         assert torch.equal(batched[row:row + 1], model.generate(prompts[row:row + 1], 8, temperature=0.0))
+
+def test_left_padded_batch_equals_one_by_one_across_keep_window_edge():
+    """Prompts of unequal length in one batch: the pads are never attended and RoPE is relative, so each row
+    decodes what it decodes alone, also once its keys outnumber keep_window_size (top-k over keys)."""
+    model = make_model(keep_window_size=12)
+    prompts = [torch.randint(97, (n,)).tolist() for n in (3, 9, 1, 6)]
+    idx, attention_mask = M.left_pad(prompts, pad_id=0)
+    batched = model.generate(idx, 10, temperature=0.0, attention_mask=attention_mask)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(torch.tensor([prompt]), 10, temperature=0.0)
+        assert batched[row, idx.size(1):].tolist() == alone[0, len(prompt):].tolist()
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(idx, 2, attention_mask=attention_mask.flip(1))
 
 def test_generate_stream_and_eos():
     model = make_model()
