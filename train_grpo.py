@@ -17,10 +17,7 @@ import os
 import re
 import copy
 import json
-import math
 import time
-import signal
-import dataclasses
 import contextlib
 
 import numpy as np
@@ -30,7 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 from tokenizer import render_chat, extract_answer, normalize_answer
-from train_pt import setup_training
+from model import left_pad
+from train_pt import setup_training, make_optimizer, training_state, stop_requests, check_finite, log, truncate_log, export
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
     import math_verify
@@ -88,7 +86,18 @@ FORMAT = re.compile(rf"\s*<think>{NO_TAG}</think>\s*<answer>{NO_TAG}</answer>\s*
 def format_reward(completions, answers):
     return [float(FORMAT.fullmatch(c) is not None) for c in completions]
 
-REWARD_FUNCTIONS = {"accuracy": accuracy_reward, "format": format_reward}
+def digits_reward(completions, answers):
+    """Partial credit for numeric answers: the fraction of digits that the <answer> gets right at the right
+    place value (units with units, tens with tens), over the longer of answer and reference. A dense signal
+    for a small model whose whole answers are still rarely right: most groups then have something to compare."""
+    rewards = []
+    for completion, answer in zip(completions, answers):
+        predicted, reference = extract_answer(completion) or "", normalize_answer(str(answer))
+        matches = sum(p == r for p, r in zip(reversed(predicted), reversed(reference)))
+        rewards.append(matches / max(len(predicted), len(reference), 1))
+    return rewards
+
+REWARD_FUNCTIONS = {"accuracy": accuracy_reward, "format": format_reward, "digits": digits_reward}
 
 def score(completions, answers, reward_weights):
     """({name: rewards [N]}, total [N]) with total r_i = sum_k w_k * reward_k(o_i)."""
@@ -165,20 +174,14 @@ def prompts_of_step(seed, step, prompts_per_step, num_prompts):
 
 @torch.no_grad()
 def rollout(model, prompts, num_generations, max_completion_length, temperature, stop_ids):
-    """num_generations sampled completions of each prompt (token lists) through the KV-cached generator.
-    Prompts of equal length share one batch (generate takes equal-length rows). Returns a list, per prompt,
-    of [G, n] completion tensors."""
+    """num_generations sampled completions of each prompt (token lists), all in one left-padded batch through
+    the KV-cached generator. Returns a list, per prompt, of [G, n] completion tensors."""
     device = next(model.parameters()).device
-    by_length = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
-    completions = [None] * len(prompts)
-    for length, indices in by_length.items():
-        idx = torch.tensor([prompts[i] for i in indices for _ in range(num_generations)], device=device)
-        out = model.generate(idx, max_completion_length, temperature=temperature, eos_token_id=stop_ids)
-        for k, i in enumerate(indices):
-            completions[i] = out[k * num_generations:(k + 1) * num_generations, length:]
-    return completions
+    pad_id = stop_ids[0]  # any id of the vocabulary: pads are masked
+    idx, attention_mask = left_pad([p for p in prompts for _ in range(num_generations)], pad_id, device)
+    out = model.generate(idx, max_completion_length, temperature=temperature, eos_token_id=stop_ids,
+                         attention_mask=attention_mask)
+    return list(out[:, idx.size(1):].split(num_generations))
 
 def decode_completions(tok, completions, mask, stop_ids):
     """Text of each completion before its first stop token."""
@@ -275,15 +278,7 @@ def main(argv=None):
         reference.requires_grad_(False).eval()
     stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
     test_prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in test_examples]
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2), fused=run.device.type == "cuda")
-    start_step = 0
-    if resuming:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if run.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    optimizer, start_step = make_optimizer(cfg, run, model, checkpoint if resuming else None)
     ddp_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) \
         if run.world_size > 1 else model
     scaler = torch.amp.GradScaler(enabled=run.dtype == "float16")
@@ -295,35 +290,20 @@ def main(argv=None):
               f"{len(test_examples)} held out | {run.device} {run.dtype}")
 
     def save(step):  # step = the next step to run
-        state = dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
-                     optimizer=optimizer.state_dict(), step=step, config=vars(cfg), tokenizer=tok.state(),
-                     stage="grpo", start_from=start_from, rng=dict(cpu=torch.get_rng_state(),
-                                            cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+        state = training_state(cfg, run, model, tok, step, "grpo", start_from=start_from,
+                               optimizer=optimizer.state_dict())
         if run.master:
             print(f"saved {common.save_checkpoint(cfg.out_dir, step, state, cfg.keep_last)}")
 
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
 
-    def log(record, line):
-        if run.master:
-            print(line, flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     def log_eval(step):
-        record = dict(step=step, **evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run))
-        log(record, f"eval step {step} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                                 if k != "step"))
+        metrics = evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run)
+        log(run, log_path, dict(step=step, **metrics),
+            f"eval step {step} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
-    if run.master and start_step == 0:
-        if os.path.exists(log_path):
-            os.remove(log_path)
-        log_eval(0)  # the starting point every later number is compared with
-    stop_signal = []  # SIGINT/SIGTERM: finish the current step, save, exit
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
-    for step in range(start_step, cfg.max_steps):
+    def train_step(step):
+        """Sample, score, and update the policy num_iterations times on this step's completions."""
         step_start = time.perf_counter()
         lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio,
                           cfg.decay_ratio, cfg.min_lr_rate, cfg.decay_shape)
@@ -378,15 +358,13 @@ def main(argv=None):
                 kl_sum += kl / len(micro_batches) / cfg.num_iterations
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and run.dtype != "float16"):
-                raise ValueError(f"loss {loss_sum} / grad norm {grad_norm} at step {step}: stopping; the last good "
-                                 f"checkpoint in {cfg.out_dir} is intact (lower learning_rate)")
+            check_finite(loss_sum, grad_norm, step, cfg, run)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
         seconds = time.perf_counter() - step_start
-        if run.master and (step % cfg.log_interval == 0 or step == cfg.max_steps - 1):
+        if step % cfg.log_interval == 0 or step == cfg.max_steps - 1:
             record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm, reward=total_reward.mean().item(),
                           reward_std=total_reward.view(-1, cfg.num_generations).std(dim=1).mean().item(),
                           completion_length=completion_tokens / len(texts), clip_fraction=clipped_sum, kl=kl_sum,
@@ -394,23 +372,28 @@ def main(argv=None):
             for name, r in rewards.items():
                 record[f"rewards/{name}/mean"], record[f"rewards/{name}/std"] = r.mean().item(), r.std().item()
             per_function = "".join(f" | {name} {r.mean().item():.3f}" for name, r in rewards.items())
-            log(record, f"step {step} | loss {loss_sum:.4f} | reward {record['reward']:.3f} "
-                        f"± {record['reward_std']:.3f}{per_function} | length {record['completion_length']:.1f} | "
-                        f"clip {clipped_sum:.3f} | kl {kl_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                        f"{record['rollout_tokens_per_s']:,.0f} rollout tok/s | {seconds:.2f} s/step")
-        last_step = step == cfg.max_steps - 1
-        if run.master and (step % cfg.eval_interval == cfg.eval_interval - 1 or last_step):
-            log_eval(step + 1)
-        if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
-            save(step + 1)
-        if stop_signal:
-            print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
-            break
+            log(run, log_path, record, f"step {step} | loss {loss_sum:.4f} | reward {record['reward']:.3f} "
+                f"± {record['reward_std']:.3f}{per_function} | length {record['completion_length']:.1f} | "
+                f"clip {clipped_sum:.3f} | kl {kl_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                f"{record['rollout_tokens_per_s']:,.0f} rollout tok/s | {seconds:.2f} s/step")
+
+    # train records carry the step's index, evaluations the number of steps done before them
+    truncate_log(run, log_path, lambda r: r["step"] < start_step or ("loss" not in r and r["step"] == start_step))
+    if start_step == 0:
+        log_eval(0)  # the starting point every later number is compared with
+    with stop_requests() as stop_signal:
+        for step in range(start_step, cfg.max_steps):
+            train_step(step)
+            last_step = step == cfg.max_steps - 1
+            if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
+                log_eval(step + 1)
+            if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
+                save(step + 1)
+            if stop_signal:
+                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+                break
     if run.master and not stop_signal:
-        export_dir = os.path.join(cfg.out_dir, "hf")
-        model.save_pretrained(export_dir)
-        tok.save(export_dir)
-        print(f"exported the final model to {export_dir} (Hugging Face format)")
+        export(cfg)
     if run.world_size > 1:
         dist.destroy_process_group()
     return model

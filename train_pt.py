@@ -12,6 +12,7 @@ import os
 import json
 import math
 import time
+import shutil
 import signal
 import dataclasses
 import contextlib
@@ -80,132 +81,186 @@ def grad_accum_steps(batch_tokens, tokens_per_micro_batch, world_size):
     return batch_tokens // per_pass
 
 # -----------------------------------------------------------------------------
+# pieces of a training loop (train_grpo.py writes its own loop from these too)
+
+def make_optimizer(cfg, run, model, checkpoint=None):
+    """AdamW over the model's decay groups (fused on GPUs). Resuming, its state and the RNG state come back from
+    the checkpoint. Returns (optimizer, the step to start from)."""
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
+                                  betas=(cfg.beta1, cfg.beta2), fused=run.device.type == "cuda")
+    if checkpoint is None:
+        return optimizer, 0
+    if "optimizer" in checkpoint:  # absent in a DeepSpeed run's file: its engine restores the optimizer
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if run.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    return optimizer, checkpoint["step"]
+
+def training_state(cfg, run, model, tok, step, stage, **extra):
+    """What a checkpoint holds besides the optimizer: weights, shapes, the next step, config, tokenizer, RNG."""
+    return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), step=step,
+                config=vars(cfg), tokenizer=tok.state(), stage=stage, **extra,
+                rng=dict(cpu=torch.get_rng_state(),
+                         cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
+
+@contextlib.contextmanager
+def stop_requests():
+    """Inside this block SIGINT/SIGTERM are only recorded (in the yielded list): the loop finishes its step,
+    saves and exits, instead of dying halfway through a step or a save."""
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+def check_finite(loss, grad_norm, step, cfg, run):
+    """Stop loudly on a NaN/inf loss or gradient (fp16 overflows are the GradScaler's to skip); a NaN on any rank
+    reaches every rank's grad norm through the all-reduce, so all ranks stop together."""
+    if not math.isfinite(loss) or (not math.isfinite(grad_norm) and run.dtype != "float16"):
+        raise ValueError(f"loss {loss} / grad norm {grad_norm} at step {step}: stopping; the last good "
+                         f"checkpoint in {cfg.out_dir} is intact (lower learning_rate or check the data)")
+
+def log(run, log_path, record, line):
+    """Print a line and append its record to the run's JSONL log (rank 0 only)."""
+    if run.master:
+        print(line, flush=True)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+def truncate_log(run, log_path, keep):
+    """Keep the log records for which keep(record) holds: a resumed run drops those of the steps it redoes, so
+    the log tells the one trajectory the weights took (and a run from step 0 starts an empty log)."""
+    if run.master and os.path.exists(log_path):
+        with open(log_path) as f:
+            records = [line for line in f if keep(json.loads(line))]
+        common.write_file(log_path, "".join(records))
+
+def export(cfg):
+    """The newest checkpoint of out_dir as a Hugging Face-format directory (config.json, model.safetensors) with
+    its tokenizer: out_dir/hf, for lighteval, transformers or the hub."""
+    model, tok, _ = common.load_model(cfg.out_dir)
+    export_dir = os.path.join(cfg.out_dir, "hf")
+    model.save_pretrained(export_dir)
+    tok.save(export_dir)
+    print(f"exported the final model to {export_dir} (Hugging Face format)")
+
+# -----------------------------------------------------------------------------
 # the training loop
 
 def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint=None,
           stage="pt"):
     """Optimise model for steps [start, max_steps). batch_loss(model, step, micro_step) -> (loss, metrics)
     must pick its batch as a pure function of (seed, step, micro_step, rank): with the step, model,
-    optimizer and RNG restored from a checkpoint, a resumed run then repeats the uninterrupted one exactly."""
+    optimizer and RNG restored from a checkpoint, a resumed run then repeats the uninterrupted one exactly.
+    evaluate(model) -> metrics runs on every rank (ZeRO-3 needs all of them for a forward pass)."""
     raw_model = model
-    optimizer = torch.optim.AdamW(raw_model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2), fused=run.device.type == "cuda")
-    start_step = 0
-    if checkpoint is not None:  # resuming: everything but the weights (already in model)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_step = checkpoint["step"]
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if run.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+    flops_per_step = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step
+    optimizer, start_step = make_optimizer(cfg, run, raw_model, checkpoint)
+    if checkpoint is not None and ("deepspeed_tag" in checkpoint) != (cfg.backend == "deepspeed"):
+        raise ValueError(f"{cfg.init_from}: the checkpoint's optimizer state was written with backend="
+                         f"{checkpoint['config'].get('backend')}: continue it with that --backend")
     engine = None
     if cfg.backend == "deepspeed":
-        engine = deepspeed_engine(cfg, run, raw_model, optimizer, grad_accum)
+        engine = deepspeed_engine(cfg, run, raw_model, optimizer, grad_accum, checkpoint)
         model = engine
-    elif run.world_size > 1:
-        model = DDP(raw_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     elif cfg.backend != "ddp":
         raise ValueError(f"backend must be 'ddp' or 'deepspeed', got {cfg.backend!r}")
+    elif run.world_size > 1:
+        model = DDP(raw_model, device_ids=[run.local_rank] if run.device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
     scaler = torch.amp.GradScaler(enabled=run.dtype == "float16")
 
     def save(step):  # step = the next step to run
-        state = dict(model=raw_model.state_dict(), model_config=dataclasses.asdict(raw_model.config),
-                     optimizer=optimizer.state_dict(), step=step, config=vars(cfg), tokenizer=tok.state(),
-                     stage=stage, rng=dict(cpu=torch.get_rng_state(),
-                                           cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None))
-        if run.master:
-            path = common.save_checkpoint(cfg.out_dir, step, state, cfg.keep_last)
-            print(f"saved {path}")
+        if engine is not None:
+            save_deepspeed_checkpoint(cfg, run, engine, training_state(cfg, run, raw_model, tok, step, stage))
+        else:
+            state = training_state(cfg, run, raw_model, tok, step, stage, optimizer=optimizer.state_dict())
+            if run.master:
+                print(f"saved {common.save_checkpoint(cfg.out_dir, step, state, cfg.keep_last)}")
 
-    stop_signal = []  # SIGINT/SIGTERM: finish the current step, save, exit
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-    flops_per_step = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step
-    peak_flops = common.measure_peak_flops(run.device, run.dtype, seconds=0.3)
+    peak_flops = common.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if run.master and start_step == 0 and os.path.exists(log_path):
-        os.remove(log_path)
+    truncate_log(run, log_path, lambda record: record["step"] < start_step)
     if start_step >= cfg.max_steps:
         print(f"already trained to max_steps={cfg.max_steps}")
-    step_start = time.perf_counter()
-    for step in range(start_step, cfg.max_steps):
-        lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio,
-                          cfg.decay_ratio, cfg.min_lr_rate, cfg.decay_shape)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, metric_sums = 0.0, {}
-        for micro_step in range(grad_accum):
-            last_micro_step = micro_step == grad_accum - 1
-            no_sync = model.no_sync() if isinstance(model, DDP) and not last_micro_step else contextlib.nullcontext()
-            with no_sync:
-                with run.autocast():
-                    loss, metrics = batch_loss(model, step, micro_step)
-                if engine is not None:
-                    engine.backward(loss)  # deepspeed divides by the accumulation steps itself
-                    engine.step()
-                else:
-                    scaler.scale(loss / grad_accum).backward()
-            loss_sum += loss.item() / grad_accum
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + value / grad_accum
-        if run.world_size > 1:  # log the loss of the whole global batch, not rank 0's share
-            loss_tensor = torch.tensor(loss_sum, device=run.device)
-            dist.all_reduce(loss_tensor)
-            loss_sum = loss_tensor.item() / run.world_size
-        if engine is not None:
-            grad_norm = engine.get_global_grad_norm() or 0.0
-        else:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
-        # a NaN/inf anywhere reaches every rank's grad norm through the all-reduce, so all ranks stop together
-        if not math.isfinite(loss_sum) or (not math.isfinite(grad_norm) and run.dtype != "float16"):
-            raise ValueError(f"loss {loss_sum} / grad norm {grad_norm} at step {step}: stopping; the last good "
-                             f"checkpoint in {cfg.out_dir} is intact (lower learning_rate or check the data)")
-        if engine is None:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+    step_start, timed_from = time.perf_counter(), start_step
+    with stop_requests() as stop_signal:
+        for step in range(start_step, cfg.max_steps):
+            lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio,
+                              cfg.decay_ratio, cfg.min_lr_rate, cfg.decay_shape)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, metric_sums = 0.0, {}
+            for micro_step in range(grad_accum):
+                last_micro_step = micro_step == grad_accum - 1
+                no_sync = model.no_sync() if isinstance(model, DDP) and not last_micro_step else contextlib.nullcontext()
+                with no_sync:
+                    with run.autocast():
+                        loss, metrics = batch_loss(model, step, micro_step)
+                    if engine is not None:
+                        engine.backward(loss)  # deepspeed divides by the accumulation steps itself
+                        engine.step()  # an optimizer step at the last micro-step only
+                    else:
+                        scaler.scale(loss / grad_accum).backward()
+                loss_sum += loss.item() / grad_accum
+                for key, value in metrics.items():
+                    metric_sums[key] = metric_sums.get(key, 0.0) + value / grad_accum
+            if run.world_size > 1:  # log the loss of the whole global batch, not rank 0's share
+                loss_tensor = torch.tensor(loss_sum, device=run.device)
+                dist.all_reduce(loss_tensor)
+                loss_sum = loss_tensor.item() / run.world_size
+            if engine is not None:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)  # a tensor or None
+            else:
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
+            check_finite(loss_sum, grad_norm, step, cfg, run)
+            if engine is None:
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
 
-        if run.master and (step % cfg.log_interval == 0 or step == cfg.max_steps - 1):
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = (time.perf_counter() - step_start) / (step - start_step + 1)
-            record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm,
-                          tokens_per_s=tokens_per_step / seconds,
-                          mfu=flops_per_step / seconds / (peak_flops * run.world_size), **metric_sums)
-            extra = "".join(f" | {k} {v:.4f}" for k, v in metric_sums.items())
-            print(f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                  f"{record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%{extra}", flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            start_step, step_start = step + 1, time.perf_counter()
-        last_step = step == cfg.max_steps - 1
-        if run.master and (step % cfg.eval_interval == cfg.eval_interval - 1 or last_step):
-            record = dict(step=step, **evaluate(raw_model))
-            print("eval " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()), flush=True)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            start_step, step_start = step + 1, time.perf_counter()
-        if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
-            save(step + 1)
-        if stop_signal:
-            print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
-            break
+            last_step = step == cfg.max_steps - 1
+            if step % cfg.log_interval == 0 or last_step:
+                if run.device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = (time.perf_counter() - step_start) / (step - timed_from + 1)
+                record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm,
+                              tokens_per_s=tokens_per_step / seconds,
+                              mfu=flops_per_step / seconds / (peak_flops * run.world_size), **metric_sums)
+                extra = "".join(f" | {k} {v:.4f}" for k, v in metric_sums.items())
+                log(run, log_path, record, f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm "
+                    f"{grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%{extra}")
+                step_start, timed_from = time.perf_counter(), step + 1
+            if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
+                metrics = evaluate(raw_model)
+                log(run, log_path, dict(step=step, **metrics),
+                    f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                step_start, timed_from = time.perf_counter(), step + 1
+            if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
+                save(step + 1)
+            if stop_signal:
+                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+                break
     if run.master and not stop_signal:
-        export_dir = os.path.join(cfg.out_dir, "hf")
-        raw_model.save_pretrained(export_dir)
-        tok.save(export_dir)
-        print(f"exported the final model to {export_dir} (Hugging Face format)")
+        export(cfg)
         plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
     return raw_model
 
-def deepspeed_engine(cfg, run, model, optimizer, grad_accum):
-    """ZeRO stage 1/2/3 around a plain torch AdamW (DeepSpeed's own Adam would JIT-build an op)."""
+def deepspeed_engine(cfg, run, model, optimizer, grad_accum, checkpoint):
+    """ZeRO stage 1/2/3 around a plain torch AdamW (DeepSpeed's own Adam would JIT-build an op); resuming, the
+    engine reloads its own sharded optimizer and fp32 master weights."""
     try:
         import deepspeed
     except ImportError:
         raise ValueError("backend=deepspeed needs `pip install deepspeed`") from None
+    if cfg.zero_stage not in (1, 2, 3):
+        raise ValueError(f"zero_stage must be 1, 2 or 3, got {cfg.zero_stage}")
     if not dist.is_initialized():  # a single process still needs a process group
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                MASTER_PORT="29512").items():
@@ -216,7 +271,31 @@ def deepspeed_engine(cfg, run, model, optimizer, grad_accum):
                      bf16=dict(enabled=run.dtype == "bfloat16"), fp16=dict(enabled=run.dtype == "float16"),
                      zero_allow_untested_optimizer=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if checkpoint is not None:  # its shards lie beside it, in deepspeed/<tag>
+        source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+        ckpt_dir = source if os.path.isdir(source) else os.path.dirname(source)
+        engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=checkpoint["deepspeed_tag"])
     return engine
+
+def save_deepspeed_checkpoint(cfg, run, engine, state):
+    """Every rank writes its shards (engine.save_checkpoint, into out_dir/deepspeed/step<N>); rank 0 then
+    rebuilds the full fp32 weights from them (the master weights, not the bf16 copy the engine computes with)
+    for the ckpt file, which is then like any other: later stages and sample.py read it as it is."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    ds_dir = os.path.join(cfg.out_dir, "deepspeed")
+    tag = f"step{state['step']:07d}"
+    engine.save_checkpoint(ds_dir, tag=tag)
+    if run.master:
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag)
+        state["model"] = {key: fp32[key].clone() for key in state["model"]}  # tied weights: one tensor each
+        state["deepspeed_tag"] = tag
+        print(f"saved {common.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
+        kept = {f"step{os.path.basename(p)[5:12]}" for p in common.checkpoint_paths(cfg.out_dir)}
+        for old in set(os.listdir(ds_dir)) - kept:  # the engine's shards of rotated-out checkpoints
+            if old.startswith("step"):
+                shutil.rmtree(os.path.join(ds_dir, old))
+    if dist.is_initialized():
+        dist.barrier()
 
 def plot_losses(log_path, png_path):
     try:
@@ -249,6 +328,13 @@ def get_batch(data, starts, seq_len, device):
     rows = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64)
     x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+def unigram_loss(train_data, val_data, vocab_size):
+    """Cross-entropy on val of the train set's token frequencies (add-one smoothed): the loss of a model that
+    ignores context, the bar a trained model's val loss should clear by far."""
+    counts = np.bincount(train_data, minlength=vocab_size) + 1.0
+    log_probs = np.log(counts / counts.sum())
+    return float(-log_probs[val_data].mean())
 
 def build_model(cfg, tok, checkpoint):
     """A fresh Doge, the model of a nanodoge checkpoint, or a published Hugging Face Doge."""
@@ -294,7 +380,8 @@ def main(argv=None):
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{n_params / 1e6:.2f}M parameters | {cfg.batch_tokens:,} tokens per step = "
               f"{cfg.batch_size} x {cfg.seq_len} x {run.world_size} processes x {grad_accum} accumulation | "
-              f"{run.device} {run.dtype} | train {len(train_data):,} tokens")
+              f"{run.device} {run.dtype} | train {len(train_data):,} tokens | unigram baseline val loss "
+              f"{unigram_loss(train_data, val_data, model.config.vocab_size):.3f}")
 
     def batch_loss(model, step, micro_step):
         starts = batch_rows(cfg.seed, step, rows_per_step, len(train_data) - cfg.seq_len - 1)

@@ -191,7 +191,8 @@ def main(argv=None):
             with run.autocast():
                 metrics["accuracy"], completions = common.evaluate_accuracy(model, tok, test_examples,
                                                                             cfg.max_new_tokens)
-            print(f"sample answer: {completions[0]!r}")
+            if run.master:
+                print(f"sample answer: {completions[0]!r}")
         model.train()
         return metrics
 

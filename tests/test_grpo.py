@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import common
-import prepare_data
 import train_grpo
 import train_sft
 from model import Doge, DogeConfig
@@ -89,7 +88,7 @@ def test_group_advantages():
 
 
 def test_tokens_after_eos_carry_no_loss():
-    eos, stop = 2, [2, 3]
+    stop = [2, 3]
     completions = torch.tensor([[5, 6, 2, 2, 2], [7, 3, 9, 2, 4], [5, 5, 5, 5, 5]])
     mask = completion_mask(completions, stop)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]  # the stop token is learned
@@ -115,6 +114,9 @@ def test_rewards_on_hand_written_completions():
     answers = ["9", "1000", "9", "9", "9", "9", "9", "9"]
     assert accuracy_reward(completions, answers) == [1, 1, 0, 1, 1, 1, 0, 0]
     assert format_reward(completions, answers) == [1, 1, 1, 0, 0, 0, 0, 0]
+    # partial credit: digits right at their place value, over the longer of the two numbers
+    partial = ["<answer>5722</answer>", "<answer>5,782</answer>", "<answer>82</answer>", "<answer>15782</answer>", "5782"]
+    assert train_grpo.digits_reward(partial, ["5782"] * 5) == [0.75, 1.0, 0.5, 0.8, 0.0]
     rewards, total = train_grpo.score(completions[:3], answers[:3], {"accuracy": 1.0, "format": 0.5})
     assert total.tolist() == [1.5, 1.5, 0.5] and rewards["format"].tolist() == [1, 1, 1]
 
@@ -137,13 +139,10 @@ def log_records(out_dir):
 
 
 @pytest.fixture(scope="module")
-def sft_model(tmp_path_factory, tiny_text):
-    """Arithmetic data with a small tokenizer, and a tiny Doge taught the answer format by a brief SFT."""
+def sft_model(tmp_path_factory, tiny_data):
+    """A tiny Doge taught the answer format of the arithmetic curriculum by a brief SFT."""
     root = tmp_path_factory.mktemp("grpo")
-    text_path = root / "prose.txt"
-    text_path.write_text(tiny_text)
-    prepare_data.main([f"--dataset={text_path}", "--vocab_size=512", f"--out_dir={root / 'data'}"])
-    data_dir = str(root / "data" / "arithmetic")
+    data_dir = tiny_data["arithmetic"]
     tok = load_tokenizer(data_dir)
     torch.manual_seed(0)
     model = Doge(DogeConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -211,7 +210,7 @@ def test_offline_chain_runs_end_to_end(tmp_path):
     """run_chain.sh at toy sizes (2 steps a stage): every stage starts from the one before and prints its number."""
     toy_model = ("--hidden_size=32 --intermediate_size=64 --num_hidden_layers=1 --num_attention_heads=2 "
                  "--num_key_value_heads=1 --max_position_embeddings=512 --keep_window_size=512")
-    env = dict(os.environ, OUT=str(tmp_path),
+    env = dict(os.environ, OUT=str(tmp_path / "out"), DATA=str(tmp_path / "data"),
                PT_ARGS=f"{toy_model} --seq_len=32 --batch_size=2 --batch_tokens=64 --eval_batches=1",
                SFT_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --max_new_tokens=8",
                DPO_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2",
@@ -225,4 +224,4 @@ def test_offline_chain_runs_end_to_end(tmp_path):
                  "== after DPO (step 1): val_rewards/accuracies", "== after DPO (step 0): accuracy",
                  "== after GRPO (step 2): accuracy", "== the chain in"):
         assert line in result.stdout, line
-    assert common.checkpoint_paths(str(tmp_path / "grpo"))
+    assert common.checkpoint_paths(str(tmp_path / "out" / "grpo"))

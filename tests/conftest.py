@@ -1,0 +1,28 @@
+import os
+import sys
+
+import pytest
+
+# hub calls fail at once instead of retrying for a minute (there is no network in CI)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="session")
+def tiny_text():
+    """~200 kB of English prose that every Python install has: the pydoc topic texts."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))[:200_000]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_text):
+    """prepare_data.py on tiny_text with a 512-token sentencepiece vocabulary: data/prose (pre-training) and
+    data/arithmetic (the post-training curriculum), one tokenizer for both."""
+    import prepare_data
+    root = tmp_path_factory.mktemp("tiny_data")
+    text_path = root / "prose.txt"
+    text_path.write_text(tiny_text)
+    prepare_data.main([f"--dataset={text_path}", "--vocab_size=512", f"--out_dir={root}"])
+    return {"prose": str(root / "prose"), "arithmetic": str(root / "arithmetic")}

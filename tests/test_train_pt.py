@@ -1,0 +1,157 @@
+"""Pre-training: the schedule, exact resume, DDP == one process, DeepSpeed ZeRO-2, and one-line errors."""
+import os
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+import train_pt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
+        "--num_key_value_heads=1", "--batch_size=2", "--seq_len=32", "--batch_tokens=128",
+        "--learning_rate=1e-2", "--dtype=float32", "--device=cpu", "--eval_batches=2", "--log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_data):
+    return tiny_data["prose"]
+
+
+def log_records(out_dir, key="loss"):
+    return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if key in r]
+
+
+def test_wsd_and_cosine_boundaries():
+    lr = lambda step, **kw: common.lr_at(step, 100, 1.0, **kw)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # warmup: 10 steps to the peak
+    assert lr(10) == lr(89) == 1.0  # stable
+    assert lr(90) == 1.0 and lr(95) == pytest.approx(0.5) and lr(100) == 0.0  # linear decay to min lr
+    assert lr(95, decay_shape="sqrt") == pytest.approx(1 - 0.5 ** 0.5)
+    assert lr(100, min_lr_rate=0.1) == pytest.approx(0.1)
+    assert lr(10, schedule="cosine") == 1.0 and lr(55, schedule="cosine") == pytest.approx(0.5)
+    assert lr(100, schedule="cosine", min_lr_rate=0.1) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="decay_shape"):
+        lr(95, decay_shape="cubic")
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    args = [f"--data_dir={data_dir}", "--max_steps=6", "--eval_interval=100"] + TINY
+    train_pt.main(args + [f"--out_dir={tmp_path}/full"])
+    train_pt.main(args + [f"--out_dir={tmp_path}/split", "--ckpt_interval=3", "--keep_last=5"])
+    # pretend the run died after step 3: drop the later checkpoint and resume from the step-3 one
+    os.remove(f"{tmp_path}/split/ckpt_0000006.pt")
+    train_pt.main(args + [f"--out_dir={tmp_path}/split", "--ckpt_interval=3", "--init_from=resume"])
+    full, split = log_records(f"{tmp_path}/full"), log_records(f"{tmp_path}/split")
+    # the resumed run dropped the log records of the steps it redid: one trajectory, the uninterrupted one's
+    assert [r["step"] for r in split] == [r["step"] for r in full] == [0, 1, 2, 3, 4, 5]
+    assert [r["loss"] for r in full] == [r["loss"] for r in split]
+    full_weights = common.load_checkpoint(f"{tmp_path}/full")["model"]
+    split_weights = common.load_checkpoint(f"{tmp_path}/split")["model"]
+    assert all(torch.equal(full_weights[k], split_weights[k]) for k in full_weights)
+    assert full[-1]["loss"] < full[0]["loss"]
+
+
+def test_loss_decreases(data_dir, tmp_path):
+    train_pt.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_steps=40", "--eval_interval=20",
+                   "--learning_rate=2e-2"] + TINY)
+    val = log_records(tmp_path, "val_loss")
+    train, held_out = (common.read_array(f"{data_dir}/{split}.bin") for split in ("train", "val"))
+    unigram = train_pt.unigram_loss(train, held_out, 512)
+    assert val[-1]["val_loss"] < val[0]["val_loss"] and val[-1]["val_loss"] < unigram - 0.3
+    assert os.path.exists(f"{tmp_path}/hf/config.json")  # the final export
+
+
+def torchrun(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--master_port=29533", "train_pt.py"] + args
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+
+
+def test_ddp_equals_one_process(data_dir, tmp_path):
+    args = [f"--data_dir={data_dir}", "--max_steps=3", "--eval_interval=100"] + TINY
+    train_pt.main(args + [f"--out_dir={tmp_path}/one"])
+    torchrun(args + [f"--out_dir={tmp_path}/ddp"])
+    one, ddp = log_records(f"{tmp_path}/one"), log_records(f"{tmp_path}/ddp")
+    for a, b in zip(one, ddp):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_deepspeed_zero2_matches_ddp_and_resumes_exactly(data_dir, tmp_path):
+    pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
+    args = [f"--data_dir={data_dir}", "--max_steps=3", "--eval_interval=100"] + TINY
+    zero2 = ["--backend=deepspeed", "--zero_stage=2", "--ckpt_interval=2", "--keep_last=5"]
+    torchrun(args + [f"--out_dir={tmp_path}/ddp"])
+    torchrun(args + zero2 + [f"--out_dir={tmp_path}/zero2"])
+    ddp, ds = log_records(f"{tmp_path}/ddp"), log_records(f"{tmp_path}/zero2")
+    assert len(ds) == 3
+    for a, b in zip(ddp, ds):
+        assert abs(a["loss"] - b["loss"]) < 1e-4
+    # the ckpt file holds the full fp32 weights rebuilt from the shards: later stages read it as any other
+    final = common.load_checkpoint(f"{tmp_path}/zero2")["model"]
+    assert final["lm_head.weight"].dtype == torch.float32 and not torch.equal(final["lm_head.weight"],
+                                                                               common.load_checkpoint(f"{tmp_path}/zero2/ckpt_0000002.pt")["model"]["lm_head.weight"])
+    # as if killed after step 2 (in a copy of the out dir): resuming restores the engine's sharded optimizer
+    # from beside the checkpoint and repeats step 3 exactly
+    shutil.copytree(f"{tmp_path}/zero2", f"{tmp_path}/resumed")
+    os.remove(f"{tmp_path}/resumed/ckpt_0000003.pt")
+    torchrun(args + zero2 + [f"--out_dir={tmp_path}/resumed", "--init_from=resume"])
+    assert [r["loss"] for r in log_records(f"{tmp_path}/resumed")] == [r["loss"] for r in ds]
+    resumed = common.load_checkpoint(f"{tmp_path}/resumed")["model"]
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_one_line_errors(data_dir, tmp_path):
+    base = [f"--out_dir={tmp_path}/run", "--max_steps=2"] + TINY
+    with pytest.raises(FileNotFoundError, match="prepare_data"):
+        train_pt.main(base + [f"--data_dir={tmp_path}/missing"])
+    with pytest.raises(ValueError, match="unknown config key 'learnin_rate'"):
+        train_pt.main(base + [f"--data_dir={data_dir}", "--learnin_rate=1"])
+    truncated = tmp_path / "truncated"
+    shutil.copytree(data_dir, truncated)
+    with open(truncated / "train.bin", "r+b") as f:
+        f.truncate(os.path.getsize(truncated / "train.bin") - 10)
+    with pytest.raises(ValueError, match="truncated"):
+        train_pt.main(base + [f"--data_dir={truncated}"])
+    train_pt.main(base + [f"--data_dir={data_dir}"])
+    with pytest.raises(ValueError, match="another shape"):
+        train_pt.main(base + [f"--data_dir={data_dir}", "--init_from=resume", "--hidden_size=64"])
+    # the CLI prints one line, not a traceback
+    result = subprocess.run([sys.executable, "train_pt.py", "--no_such_key=1"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert "unknown config key" in result.stderr
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    common.save_checkpoint(tmp_path, 1, {"step": 1})
+
+    def dies_halfway(obj, path):
+        open(path, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(tmp_path, 2, {"step": 2})
+    # a process killed outright leaves its temp file behind: it must never be taken for a checkpoint
+    open(tmp_path / "ckpt_0000003.pt.tmp999", "wb").write(b"half")
+    assert common.checkpoint_paths(tmp_path) == [os.path.join(tmp_path, "ckpt_0000001.pt")]
+    assert common.load_checkpoint(str(tmp_path))["step"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
+def test_config_files_hold_only_known_keys(name):
+    """Every config file loads in its script (no unknown key, no wrong type), and the pre-training recipes'
+    batch divides into micro-batches on 1 and 8 processes."""
+    import train_dpo, train_grpo, train_sft
+    script = {"doge": train_pt, "sft": train_sft, "dpo": train_dpo, "grpo": train_grpo}[name.split("_")[0]]
+    cfg = common.load_config(script.DEFAULTS, [os.path.join(ROOT, "config", name)])
+    if script is train_pt:
+        for world_size in (1,) if name == "doge_tiny.py" else (1, 8):
+            assert train_pt.grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, world_size) >= 1
