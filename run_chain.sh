@@ -5,13 +5,15 @@
 #   DPO: held-out preference accuracy, and the answer accuracy of its model (GRPO's step-0 evaluation)
 #   GRPO: answer accuracy and the held-out mean reward, at its start and its end
 #
-#   bash run_chain.sh                                 # checkpoints under out/
-#   OUT=/tmp/chain bash run_chain.sh --device=cpu     # --key=value arguments go to every training stage;
+#   bash run_chain.sh                                 # data under data/, checkpoints under out/
+#   OUT=/tmp/chain DATA=/tmp/data bash run_chain.sh   # elsewhere
+#   bash run_chain.sh --device=cpu                    # --key=value arguments go to every training stage;
 #   GRPO_ARGS="--max_steps=10" bash run_chain.sh      # PT_ARGS, SFT_ARGS, DPO_ARGS, GRPO_ARGS to one of them
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT=${OUT:-out}
+DATA=${DATA:-data}
 SUMMARY=()
 START=$SECONDS
 
@@ -39,14 +41,14 @@ EOF
     SUMMARY[-1]+="   $line"
 }
 
-stage prepare python prepare_data.py
-stage pre-training python train_pt.py config/doge_tiny.py --out_dir="$OUT/pt" "$@" ${PT_ARGS:-}
+stage prepare python prepare_data.py --out_dir="$DATA"
+stage pre-training python train_pt.py config/doge_tiny.py --data_dir="$DATA/shakespeare" --out_dir="$OUT/pt" "$@" ${PT_ARGS:-}
 metric "val loss" "$OUT/pt/log.jsonl" last val_loss
-stage SFT python train_sft.py config/sft_tiny.py --init_from="$OUT/pt" --out_dir="$OUT/sft" "$@" ${SFT_ARGS:-}
+stage SFT python train_sft.py config/sft_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/pt" --out_dir="$OUT/sft" "$@" ${SFT_ARGS:-}
 metric "after SFT" "$OUT/sft/log.jsonl" last accuracy
-stage DPO python train_dpo.py config/dpo_tiny.py --init_from="$OUT/sft" --out_dir="$OUT/dpo" "$@" ${DPO_ARGS:-}
+stage DPO python train_dpo.py config/dpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/sft" --out_dir="$OUT/dpo" "$@" ${DPO_ARGS:-}
 metric "after DPO" "$OUT/dpo/log.jsonl" last val_rewards/accuracies
-stage GRPO python train_grpo.py config/grpo_tiny.py --init_from="$OUT/dpo" --out_dir="$OUT/grpo" "$@" ${GRPO_ARGS:-}
+stage GRPO python train_grpo.py config/grpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/dpo" --out_dir="$OUT/grpo" "$@" ${GRPO_ARGS:-}
 metric "after DPO" "$OUT/grpo/log.jsonl" first accuracy reward
 metric "after GRPO" "$OUT/grpo/log.jsonl" last accuracy reward
 stage sample bash -c "echo 'What is 27 + 58?' | python sample.py --init_from='$OUT/grpo' --chat --temperature=0"

@@ -12,4 +12,20 @@ tie_word_embeddings = True
 max_position_embeddings = 2048
 keep_window_size = 2048
 
-# --- training recipe (lr, steps, batch, schedule, ...) ---
+# --- training recipe (SmallDoge guide: 4B tokens = 8,000 steps of 0.5M tokens, WSD) ---
+# data: python prepare_data.py --dataset=smollm-mix --tokenizer=SmallDoge/Doge-tokenizer --max_tokens=...
+data_dir = "data/smollm-mix"
+out_dir = "out/doge_20m"
+seq_len = 2048
+batch_tokens = 524288  # 0.5M tokens per optimizer step
+batch_size = 16  # sequences per process and micro-step: 16 accumulation steps on 1 GPU, 2 on 8
+max_steps = 8000
+learning_rate = 8e-3
+schedule = "wsd"
+warmup_ratio = 0.1
+decay_ratio = 0.1
+min_lr_rate = 0.0
+weight_decay = 0.01
+dtype = "bfloat16"
+eval_interval = 1000
+ckpt_interval = 1000

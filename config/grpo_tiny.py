@@ -1,6 +1,7 @@
-# GRPO for the offline quickstart: the tiny model after SFT and DPO on the built-in arithmetic prompts, ~4 minutes
-# on a 2-core CPU (~7 s a step). Rewards: answer accuracy + the <think>/<answer> format. The held-out numbers
-# logged at step 0 and at the end: greedy answer accuracy and the mean reward of sampled completions.
+# GRPO for the offline quickstart: the tiny model after SFT and DPO, on the built-in arithmetic prompts, ~3 minutes
+# on a 2-core CPU (~4.5 s a step). Rewards: answer accuracy, the <think>/<answer> format, and partial credit per
+# digit (a dense signal while whole answers are still rare). The held-out numbers, logged at step 0 and at the end:
+# greedy answer accuracy and the mean reward of sampled completions (what GRPO maximises).
 # Usage: python train_grpo.py config/grpo_tiny.py
 
 init_from = "out/dpo"
@@ -10,13 +11,14 @@ data_dir = "data/arithmetic"
 prompts_per_step = 8
 num_generations = 8
 max_completion_length = 96
-max_steps = 30
-learning_rate = 1e-4
+reward_weights = {"accuracy": 1.0, "format": 1.0, "digits": 1.0}
+max_steps = 40
+learning_rate = 3e-4
 batch_size = 64
 
 eval_interval = 1000  # held-out numbers at the start and the end only
-eval_prompts = 64
-eval_generations = 2
+eval_prompts = 100
+eval_generations = 4
 log_interval = 5
 ckpt_interval = 1000
 

@@ -1,0 +1,27 @@
+# The offline quickstart: a 2.9M-parameter Doge pre-trained on Shakespeare (python prepare_data.py) in about
+# 5 minutes on a 2-core laptop CPU; val loss ~5.1 against the unigram baseline's 6.37 (printed at the start).
+# Usage: python train_pt.py config/doge_tiny.py      (then config/sft_tiny.py, dpo_tiny.py, grpo_tiny.py)
+
+# --- model shape: the Doge-20M layout, narrower and shallower ---
+hidden_size = 192
+intermediate_size = 384
+num_hidden_layers = 4
+num_attention_heads = 2
+num_key_value_heads = 1
+tie_word_embeddings = True
+
+# --- training: 320 steps of 4,096 tokens (1.3M tokens, about one pass over Shakespeare) ---
+data_dir = "data/shakespeare"
+out_dir = "out/pt"
+seq_len = 256
+batch_size = 16
+batch_tokens = 4096
+max_steps = 320
+learning_rate = 4e-3
+warmup_ratio = 0.05
+decay_ratio = 0.3  # a short run gains from a longer decay
+eval_interval = 80
+eval_batches = 10
+log_interval = 20
+ckpt_interval = 80
+dtype = "bfloat16"  # ~1.5x faster than float32 on CPUs with AVX-512 bf16 / AMX; use float32 on others

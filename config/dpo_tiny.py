@@ -1,0 +1,22 @@
+# The offline quickstart's preference alignment: the tiny SFT model learns to prefer correct worked solutions
+# over plausible wrong ones (a dropped carry or borrow, a column off by one). The number is held-out preference
+# accuracy: how often the implicit reward beta * (log pi - log ref) of the chosen reply beats the rejected one's.
+# Usage: python train_dpo.py config/dpo_tiny.py
+
+init_from = "out/sft"
+out_dir = "out/dpo"
+data_dir = "data/arithmetic"
+
+seq_len = 512
+batch_size = 16
+batch_examples = 16
+max_steps = 100  # 1,600 pairs, about one epoch
+learning_rate = 5e-5  # gentle: a larger rate also lowers the chosen replies and costs answer accuracy
+beta = 0.1
+warmup_ratio = 0.1
+decay_ratio = 0.3
+eval_interval = 50
+eval_examples = 100
+log_interval = 10
+ckpt_interval = 1000
+dtype = "bfloat16"
