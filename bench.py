@@ -8,9 +8,7 @@ MFU is against a peak measured here (a large matmul in the same dtype), not a da
     python bench.py --compile=True          # also torch.compile (about a minute per dtype on a cold cache)
     python bench.py --dtypes=float32 --reference=False
 """
-import os
 import time
-import contextlib
 
 import torch
 
@@ -23,8 +21,11 @@ DEFAULTS = dict(
     num_key_value_heads=1, tie_word_embeddings=True,
     # training step
     batch_size=8, seq_len=512, warmup_steps=1, timed_steps=3, dtypes="float32,bfloat16", compile=False,
-    # generation
-    new_tokens=128, prompt_len=16, ttft_prompt_len=512,
+    # generation: greedy batch 1; GRPO-style rollouts (sampled, rollout_batch rows); the cost of a decode step
+    # early and late in a long completion (constant with the KV cache, up to keep_window_size)
+    new_tokens=128, prompt_len=16, ttft_prompt_len=512, rollout_batch=64, rollout_tokens=96, long_tokens=1024,
+    # tokenizer encoding throughput on the Shakespeare corpus (prepare_data.py's default)
+    encode=True,
     # system
     device="cpu", seed=1337, reference=True,  # reference: also measure transformers' DogeForCausalLM
 )
@@ -77,6 +78,39 @@ def time_generation(generate, cfg, device):
     ttft = min(time_call(lambda: generate(long_prompt, 1)) for _ in range(2))
     return cfg.new_tokens / seconds, ttft
 
+def time_decode_steps(model, cfg, device):
+    """Milliseconds per decode step (batch 1, greedy) over the first 128 new tokens and the last 128 of
+    long_tokens: with the KV cache a step costs the same late as early."""
+    prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), device=device)
+    stamps = [time.perf_counter()]
+    for _ in model.generate_stream(prompt, cfg.long_tokens, temperature=0.0):
+        stamps.append(time.perf_counter())
+    early = (stamps[129] - stamps[1]) / 128
+    late = (stamps[-1] - stamps[-129]) / 128
+    return early * 1e3, late * 1e3
+
+def time_rollouts(model, cfg, device, dtype):
+    """Completion tokens/s of GRPO-style rollouts: rollout_batch rows sampled at temperature 1 under autocast."""
+    prompts = torch.randint(cfg.vocab_size, (cfg.rollout_batch, cfg.prompt_len), device=device)
+    with common.autocast(device, dtype):
+        model.generate(prompts, 4)  # warm up
+        seconds = time_call(lambda: model.generate(prompts, cfg.rollout_tokens, temperature=1.0))
+    return cfg.rollout_batch * cfg.rollout_tokens / seconds
+
+def time_encoding():
+    """Tokens/s of encoding Shakespeare's complete works with sentencepiece (8k BPE) and GPT-2 (tiktoken)."""
+    import prepare_data
+    import tokenizer as tk
+    documents, _ = prepare_data.shakespeare_documents()
+    results = {}
+    for name, tok in [("sentencepiece 8k", tk.train_sentencepiece(documents, 8192)),
+                      ("gpt2 (tiktoken)", tk.Tokenizer({"kind": "tiktoken", "name": "gpt2"}))]:
+        tok.encode_batch(documents[:2])  # warm up
+        start = time.perf_counter()
+        count = sum(map(len, tok.encode_batch(documents)))
+        results[name] = count / (time.perf_counter() - start)
+    return results
+
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
     device = torch.device(cfg.device)
@@ -119,6 +153,16 @@ def main(argv=None):
     ours_gen = time_generation(lambda p, n: model.generate(p, n, temperature=0.0), cfg, device)
     print(f"generate nanodoge      {ours_gen[0]:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
           f"prompt) {ours_gen[1] * 1e3:7.1f} ms", flush=True)
+    early_ms, late_ms = time_decode_steps(model, cfg, device)
+    print(f"decode step (batch 1)  {early_ms:8.2f} ms over new tokens 1-128, {late_ms:.2f} ms over "
+          f"{cfg.long_tokens - 127}-{cfg.long_tokens} (KV cache: the same cost late as early)")
+    rollout_dtype = "bfloat16" if any(dtype == "bfloat16" for _, dtype, _ in results) else "float32"
+    rollout_rate = time_rollouts(model, cfg, device, rollout_dtype)
+    print(f"rollouts nanodoge      {rollout_rate:8.0f} completion tokens/s ({cfg.rollout_batch} rows x "
+          f"{cfg.rollout_tokens} sampled tokens, {rollout_dtype} autocast)", flush=True)
+    if cfg.encode:
+        for name, rate in time_encoding().items():
+            print(f"encode {name:16s} {rate / 1e6:8.2f} M tokens/s (Shakespeare, {torch.get_num_threads()} threads)")
     if reference is not None:
         reference.eval()
         def reference_generate(prompt, n):
