@@ -21,11 +21,6 @@ batch_tokens = 1048576  # 1M tokens per optimizer step
 batch_size = 16  # sequences per process and micro-step: 32 accumulation steps on 1 GPU, 4 on 8
 max_steps = 16000
 learning_rate = 6e-3
-schedule = "wsd"
-warmup_ratio = 0.1
-decay_ratio = 0.1
-min_lr_rate = 0.0
-weight_decay = 0.01
-dtype = "bfloat16"
+# and, as train_pt.py's defaults: WSD with warmup 0.1 and decay 0.1 to min lr rate 0, weight decay 0.01, bf16
 eval_interval = 1000
 ckpt_interval = 1000

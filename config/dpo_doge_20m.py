@@ -14,10 +14,6 @@ epochs = 2.0
 learning_rate = 8e-5
 beta = 0.1
 loss_type = "sigmoid"
-schedule = "wsd"
-warmup_ratio = 0.1
-decay_ratio = 0.1
-weight_decay = 0.01
-dtype = "bfloat16"
+# and, as the script's defaults: WSD with warmup 0.1 and decay 0.1, weight decay 0.01, bf16
 eval_interval = 200
 ckpt_interval = 200

@@ -11,10 +11,6 @@ batch_examples = 128  # conversations per optimizer step: up to 128 x 2048 = 0.2
 batch_size = 8        # per process and micro-step: 16 accumulation steps on 1 GPU
 epochs = 2.0
 learning_rate = 8e-4
-schedule = "wsd"
-warmup_ratio = 0.1
-decay_ratio = 0.1
-weight_decay = 0.01
-dtype = "bfloat16"
+# and, as the script's defaults: WSD with warmup 0.1 and decay 0.1, weight decay 0.01, bf16
 eval_interval = 500
 ckpt_interval = 500

@@ -12,11 +12,7 @@ batch_examples = 64
 batch_size = 4
 epochs = 2.0
 learning_rate = 8e-4
-schedule = "wsd"
-warmup_ratio = 0.1
-decay_ratio = 0.1
-weight_decay = 0.01
-dtype = "bfloat16"
+# and, as the script's defaults: WSD with warmup 0.1 and decay 0.1, weight decay 0.01, bf16
 eval_interval = 200
 ckpt_interval = 200
 max_new_tokens = 1024  # greedy answers on test.jsonl (NuminaMath-TIR held-out problems)

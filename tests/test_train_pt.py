@@ -2,6 +2,7 @@
 import os
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -127,6 +128,35 @@ def test_one_line_errors(data_dir, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
     assert "unknown config key" in result.stderr
+
+
+def test_sigterm_saves_and_exits_then_resumes(data_dir, tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint is saved, the process exits 0; resume goes on."""
+    args = [sys.executable, "train_pt.py", f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_steps=100000",
+            "--eval_interval=100000", "--ckpt_interval=100000"] + TINY
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:
+        if line.startswith("step 3 "):
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    assert process.wait(timeout=60) == 0, output
+    assert "stopped by signal" in output
+    step = common.load_checkpoint(str(tmp_path))["step"]
+    assert step >= 4
+    train_pt.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--init_from=resume", f"--max_steps={step + 2}",
+                   "--eval_interval=100000"] + TINY)
+    assert common.load_checkpoint(str(tmp_path))["step"] == step + 2
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
+    """An absurd learning rate blows the weights up: the run stops with one line, the last checkpoint loads."""
+    args = [f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_steps=50", "--ckpt_interval=1",
+            "--eval_interval=1000", "--warmup_ratio=0", "--grad_clip=1e30"] + TINY
+    with pytest.raises(ValueError, match="stopping; the last good checkpoint"):
+        train_pt.main(args + ["--learning_rate=1e30"])
+    checkpoint = common.load_checkpoint(str(tmp_path))
+    assert 1 <= checkpoint["step"] < 50
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
