@@ -1,5 +1,5 @@
-# GRPO for the offline quickstart: the tiny model after SFT and DPO, on the built-in arithmetic prompts, ~3 minutes
-# on a 2-core CPU (~4.5 s a step). Rewards: answer accuracy, the <think>/<answer> format, and partial credit per
+# GRPO for the offline quickstart: the tiny model after SFT and DPO, on the built-in arithmetic prompts, ~4 minutes
+# on a 2-core CPU (~5 s a step). Rewards: answer accuracy, the <think>/<answer> format, and partial credit per
 # digit (a dense signal while whole answers are still rare). The held-out numbers, logged at step 0 and at the end:
 # greedy answer accuracy and the mean reward of sampled completions (what GRPO maximises).
 # Usage: python train_grpo.py config/grpo_tiny.py
