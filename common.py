@@ -345,7 +345,7 @@ def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
         chunk = by_length[start:start + batch_size]
         idx, attention_mask = left_pad([prompts[i] for i in chunk], tok.eos_id, device)
         out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids,
-                             attention_mask=attention_mask)
+                             attention_mask=attention_mask, vocab_size=tok.vocab_size)
         for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
             row = row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))]
             completions[i] = tok.decode(row)

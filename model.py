@@ -362,11 +362,12 @@ class Doge(nn.Module):
 
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-                        repetition_penalty=1.0, attention_mask=None):
+                        repetition_penalty=1.0, attention_mask=None, vocab_size=None):
         """Yield the next token of every row ([B]) up to max_new_tokens times, with a KV cache. Prompts of unequal
         length come left-padded, with attention_mask [B, T] 0 on the pads (see left_pad): RoPE scores depend on
         relative positions only, so a row's shift by its pads changes nothing once the pads are masked. Rows that
-        produced an eos id continue with (the first) eos id; stops once every row has."""
+        produced an eos id continue with (the first) eos id; stops once every row has. vocab_size: sample only ids
+        below it, when the tokenizer has fewer tokens than the model's (padded) vocabulary."""
         B, T = idx.shape
         self.check_input(idx)
         if T + max_new_tokens > self.config.max_position_embeddings:
@@ -390,6 +391,8 @@ class Doge(nn.Module):
         for step in range(max_new_tokens):
             x, _ = self.hidden_states(new_ids, cache)
             logits = x[:, -1] @ head
+            if vocab_size is not None:
+                logits[:, vocab_size:] = float("-inf")
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             next_ids = sample_next_token(logits, temperature, top_k, top_p)
@@ -404,11 +407,11 @@ class Doge(nn.Module):
                 seen = torch.cat((seen, new_ids), dim=1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-                 repetition_penalty=1.0, attention_mask=None):
+                 repetition_penalty=1.0, attention_mask=None, vocab_size=None):
         """idx [B, T] -> [B, T + n], n <= max_new_tokens; temperature 0 is greedy. Prompts of unequal length:
         left-padded, with attention_mask (left_pad makes both)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                        repetition_penalty, attention_mask))
+                                        repetition_penalty, attention_mask, vocab_size))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
     # -------------------------------------------------------------------------

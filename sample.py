@@ -85,12 +85,13 @@ def read_prompt(cfg):
 # -----------------------------------------------------------------------------
 # generation, streamed
 
-def stream_tokens(model, prompt_ids, cfg, max_new_tokens, stop_ids=None):
-    """Yield the new token ids one by one (batch 1); stops after a token of stop_ids (which is yielded)."""
+def stream_tokens(model, prompt_ids, cfg, max_new_tokens, stop_ids=None, vocab_size=None):
+    """Yield the new token ids one by one (batch 1); stops after a token of stop_ids (which is yielded). Only ids
+    below vocab_size (the tokenizer's) are sampled."""
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
     for next_ids in model.generate_stream(idx, max_new_tokens, temperature=cfg.temperature,
                                           top_k=cfg.top_k or None, top_p=cfg.top_p, eos_token_id=stop_ids,
-                                          repetition_penalty=cfg.repetition_penalty):
+                                          repetition_penalty=cfg.repetition_penalty, vocab_size=vocab_size):
         yield next_ids.item()
 
 
@@ -123,7 +124,7 @@ def complete(model, tok, prompt, cfg, out=None):
         out.write(prompt)
         out.flush()
         pieces, start, first_token_seconds = [], time.perf_counter(), 0.0
-        tokens = stream_tokens(model, prompt_ids, cfg, min(cfg.max_new_tokens, room), [tok.eos_id])
+        tokens = stream_tokens(model, prompt_ids, cfg, min(cfg.max_new_tokens, room), [tok.eos_id], tok.vocab_size)
         for token, piece in stream_text(tok, tokens):
             first_token_seconds = first_token_seconds or time.perf_counter() - start
             if token == tok.eos_id:  # the end of a document
@@ -156,7 +157,8 @@ def answer(model, tok, cfg, messages, out):
     dim = out.isatty()
     reply, thinking = [], False
     try:
-        tokens = stream_tokens(model, prompt_ids, cfg, min(cfg.max_new_tokens, room), [end_of_turn, tok.eos_id])
+        tokens = stream_tokens(model, prompt_ids, cfg, min(cfg.max_new_tokens, room), [end_of_turn, tok.eos_id],
+                               tok.vocab_size)
         for token, piece in stream_text(tok, tokens):
             if token in (end_of_turn, tok.eos_id):
                 break

@@ -173,14 +173,15 @@ def prompts_of_step(seed, step, prompts_per_step, num_prompts):
     return indices
 
 @torch.no_grad()
-def rollout(model, prompts, num_generations, max_completion_length, temperature, stop_ids):
+def rollout(model, prompts, num_generations, max_completion_length, temperature, stop_ids, vocab_size):
     """num_generations sampled completions of each prompt (token lists), all in one left-padded batch through
-    the KV-cached generator. Returns a list, per prompt, of [G, n] completion tensors."""
+    the KV-cached generator, of ids below vocab_size (the tokenizer's). Returns a list, per prompt, of [G, n]
+    completion tensors."""
     device = next(model.parameters()).device
     pad_id = stop_ids[0]  # any id of the vocabulary: pads are masked
     idx, attention_mask = left_pad([p for p in prompts for _ in range(num_generations)], pad_id, device)
     out = model.generate(idx, max_completion_length, temperature=temperature, eos_token_id=stop_ids,
-                         attention_mask=attention_mask)
+                         attention_mask=attention_mask, vocab_size=vocab_size)
     return list(out[:, idx.size(1):].split(num_generations))
 
 def decode_completions(tok, completions, mask, stop_ids):
@@ -249,7 +250,7 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             groups = rollout(model, prompts, cfg.eval_generations, cfg.max_completion_length, cfg.temperature,
-                             stop_ids)
+                             stop_ids, tok.vocab_size)
     model.train()
     texts = [t for group in groups for t in decode_completions(tok, group, completion_mask(group, stop_ids), stop_ids)]
     rewards, total = score(texts, [ex["answer"] for ex in examples for _ in range(cfg.eval_generations)],
@@ -316,7 +317,8 @@ def main(argv=None):
         prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
         model.eval()
         with run.autocast():
-            groups = rollout(model, prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature, stop_ids)
+            groups = rollout(model, prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature,
+                             stop_ids, tok.vocab_size)
         model.train()
         rollout_seconds = time.perf_counter() - step_start
         masks = [completion_mask(group, stop_ids) for group in groups]

@@ -216,6 +216,12 @@ def test_left_padded_batch_equals_one_by_one_across_keep_window_edge():
     with pytest.raises(ValueError, match="left padding"):
         model.generate(idx, 2, attention_mask=attention_mask.flip(1))
 
+def test_generate_keeps_to_a_smaller_tokenizers_ids():
+    """A model whose (padded) vocabulary is larger than its tokenizer's never samples an id the tokenizer lacks."""
+    torch.manual_seed(0)
+    out = make_model().generate(torch.randint(97, (4, 3)), 30, temperature=2.0, vocab_size=10)
+    assert out[:, 3:].max() < 10
+
 def test_generate_stream_and_eos():
     model = make_model()
     prompts = torch.randint(97, (2, 4))
