@@ -289,7 +289,7 @@ def load_checkpoint(path):
 def load_model(init_from, device="cpu"):
     """(model, tokenizer, checkpoint) from a nanodoge out dir or ckpt file (checkpoint is its dict), or
     from a Hugging Face-format directory or hub id (checkpoint is None)."""
-    from model import Doge, DogeConfig
+    from model import Doge, DogeConfig, pretrained_dir
     from tokenizer import load_tokenizer, tokenizer_from_state
     if is_checkpoint(init_from):
         checkpoint = load_checkpoint(init_from)
@@ -302,8 +302,9 @@ def load_model(init_from, device="cpu"):
         if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
             raise FileNotFoundError(f"{init_from} holds neither ckpt_*.pt nor config.json: "
                                     "train a model first or pass init_from=<checkpoint>")
-        model, checkpoint = Doge.from_pretrained(init_from), None
-        tok = load_tokenizer(init_from)
+        path = pretrained_dir(init_from)  # a hub id's snapshot holds its tokenizer.json too
+        model, checkpoint = Doge.from_pretrained(path), None
+        tok = load_tokenizer(path)
     return model.to(device), tok, checkpoint
 
 def load_state_dict_checked(model, state_dict, source):

@@ -440,12 +440,7 @@ class Doge(nn.Module):
     def from_pretrained(cls, path_or_hub_id):
         """A Doge from a Hugging Face-format directory (config.json + model.safetensors, a sharded index, or
         pytorch_model.bin) or a hub id."""
-        path = str(path_or_hub_id)
-        if not os.path.isdir(path):
-            if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
-                raise FileNotFoundError(f"{path} is not a checkpoint directory (config.json + model.safetensors) "
-                                        "nor a hub id like SmallDoge/Doge-20M")
-            path = download_from_hub(path)
+        path = pretrained_dir(path_or_hub_id)
         config_file = os.path.join(path, "config.json")
         if not os.path.exists(config_file):
             raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face-format checkpoint")
@@ -492,6 +487,16 @@ class Doge(nn.Module):
         atomic_write(os.path.join(out_dir, "model.safetensors"),
                      lambda path: save_file(state, path, metadata={"format": "pt"}))
         write_file(os.path.join(out_dir, "config.json"), json.dumps(self.config.to_hf_dict(), indent=2))
+
+def pretrained_dir(path_or_hub_id):
+    """The local directory of a Hugging Face-format checkpoint: the path itself, or a hub id's snapshot."""
+    path = str(path_or_hub_id)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (config.json + model.safetensors) "
+                                "nor a hub id like SmallDoge/Doge-20M")
+    return download_from_hub(path)
 
 def download_from_hub(hub_id):
     """Local snapshot directory of a hub id (config and weights only); one line when it cannot be had."""

@@ -214,8 +214,8 @@ def test_think_part_is_dimmed_or_hidden(model, tok, monkeypatch, show_think):
     else:
         assert out.getvalue().replace(sample.NORMAL, "") == "<answer>12</answer>\n"
 
-def test_hugging_face_directory(tmp_path, tiny_text, capsys):
-    """A save_pretrained directory with a tokenizer.json beside it, as SmallDoge publishes them."""
+def test_hugging_face_directory(tmp_path, tiny_text, capsys, monkeypatch):
+    """A save_pretrained directory with a tokenizer.json beside it, as SmallDoge publishes them, and a hub id."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
@@ -232,6 +232,11 @@ def test_hugging_face_directory(tmp_path, tiny_text, capsys):
     reply = greedy_by_hand(hf_model, ids, 8)[len(ids):]
     reply = reply[:reply.index(hf_tok.eos_id)] if hf_tok.eos_id in reply else reply
     sample.main([f"--init_from={tmp_path}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=8"])
+    assert capsys.readouterr().out == prompt + hf_tok.decode(reply) + "\n---------------\n"
+    # by hub id: the snapshot (here, the same directory in place of a download) gives model and tokenizer
+    import model as M
+    monkeypatch.setattr(M, "download_from_hub", lambda hub_id: str(tmp_path))
+    sample.main(["--init_from=SmallDoge/Doge-tiny", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=8"])
     assert capsys.readouterr().out == prompt + hf_tok.decode(reply) + "\n---------------\n"
 
 # -----------------------------------------------------------------------------
