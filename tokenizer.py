@@ -119,7 +119,8 @@ class Tokenizer:
         entry = {"kind": kind, "name": self._state["name"]} if kind == "tiktoken" else \
                 {"kind": kind, "file": "tokenizer.model" if kind == "sentencepiece" else "tokenizer.json"}
         if kind != "tiktoken":
-            common.write_file(os.path.join(directory, entry["file"]), self._state["model" if kind == "sentencepiece" else "json"])
+            data = self._state["model" if kind == "sentencepiece" else "json"]
+            common.write_file(os.path.join(directory, entry["file"]), data)
         info = {"tokenizer": entry, "vocab_size": self.vocab_size, "special_ids": self.special_ids,
                 "eos_id": self.eos_id, **meta}
         common.write_file(os.path.join(directory, "meta.json"), json.dumps(info, indent=2))

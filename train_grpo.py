@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 from tokenizer import render_chat, extract_answer, normalize_answer
 from model import left_pad
-from train_pt import setup_training, make_optimizer, training_state, stop_requests, check_finite, log, truncate_log, export
+from train_pt import (setup_training, make_optimizer, training_state, save_training_state, stop_requests,
+                      check_finite, log, truncate_log, export)
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
     import math_verify
@@ -291,10 +292,8 @@ def main(argv=None):
               f"{len(test_examples)} held out | {run.device} {run.dtype}")
 
     def save(step):  # step = the next step to run
-        state = training_state(cfg, run, model, tok, step, "grpo", start_from=start_from,
-                               optimizer=optimizer.state_dict())
-        if run.master:
-            print(f"saved {common.save_checkpoint(cfg.out_dir, step, state, cfg.keep_last)}")
+        save_training_state(cfg, run, training_state(cfg, run, model, tok, step, "grpo", start_from=start_from,
+                                                     optimizer=optimizer.state_dict()))
 
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
 

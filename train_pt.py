@@ -117,6 +117,11 @@ def stop_requests():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
+def save_training_state(cfg, run, state):
+    """Rank 0 writes the checkpoint out_dir/ckpt_<step>.pt (atomically, rotating out all but keep_last)."""
+    if run.master:
+        print(f"saved {common.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
+
 def check_finite(loss, grad_norm, step, cfg, run):
     """Stop loudly on a NaN/inf loss or gradient (fp16 overflows are the GradScaler's to skip); a NaN on any rank
     reaches every rank's grad norm through the all-reduce, so all ranks stop together."""
@@ -179,9 +184,8 @@ def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accu
         if engine is not None:
             save_deepspeed_checkpoint(cfg, run, engine, training_state(cfg, run, raw_model, tok, step, stage))
         else:
-            state = training_state(cfg, run, raw_model, tok, step, stage, optimizer=optimizer.state_dict())
-            if run.master:
-                print(f"saved {common.save_checkpoint(cfg.out_dir, step, state, cfg.keep_last)}")
+            save_training_state(cfg, run, training_state(cfg, run, raw_model, tok, step, stage,
+                                                         optimizer=optimizer.state_dict()))
 
     peak_flops = common.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -289,7 +293,7 @@ def save_deepspeed_checkpoint(cfg, run, engine, state):
         fp32 = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag)
         state["model"] = {key: fp32[key].clone() for key in state["model"]}  # tied weights: one tensor each
         state["deepspeed_tag"] = tag
-        print(f"saved {common.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
+        save_training_state(cfg, run, state)
         kept = {f"step{os.path.basename(p)[5:12]}" for p in common.checkpoint_paths(cfg.out_dir)}
         for old in set(os.listdir(ds_dir)) - kept:  # the engine's shards of rotated-out checkpoints
             if old.startswith("step"):
