@@ -69,6 +69,22 @@ def test_loss_equals_reference_and_ignores_minus_one():
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
     assert abs(loss.item() - by_hand.item()) <= 1e-6
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch_with_its_gradient(dtype):
+    """The training loss (M.CrossEntropy: chunks of rows, logsumexp kept, softmax - onehot written once) against
+    F.cross_entropy on the float32 logits: value and gradient, ignored targets, rows not a multiple of a chunk."""
+    torch.manual_seed(0)
+    logits = (torch.randn(77, 50) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(50, (77,))
+    targets[::5] = -1
+    ours = M.CrossEntropy.apply(logits, targets)
+    (ours_grad,) = torch.autograd.grad(ours * 3, logits)
+    torch_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
+    (torch_grad,) = torch.autograd.grad(torch_loss * 3, logits)
+    assert abs(ours.item() - torch_loss.item()) <= 1e-5
+    assert ours_grad.dtype == dtype and max_diff(ours_grad.float(), torch_grad.float()) <= 1e-6
+    assert ours_grad[::5].abs().max() == 0  # ignored rows get no gradient
+
 def test_folded_attention_equals_float_bias_attention_with_gradients():
     """The training fast path (dynamic mask folded into an extra key coordinate, is_causal) against the
     readable one (materialised float bias), forward and every gradient, GQA."""
