@@ -8,6 +8,7 @@ import os
 import json
 import math
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -89,15 +90,32 @@ class DogeConfig:
 # -----------------------------------------------------------------------------
 # building blocks
 
+def rms_norm(x, weight, eps):
+    """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times weight."""
+    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times a learned weight."""
     def __init__(self, dim, eps):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+def fast_linear(weight, bias=None):
+    """x -> x @ weight^T + bias for the decode loop's few rows. On a CPU a bfloat16 weight is reordered once into
+    oneDNN's blocked layout, as torch.compile's freezing does: Doge-20M's head then takes 0.2-0.3 ms a batch-1
+    token instead of F.linear's 1.8 ms. A float32 one is multiplied as a transposed copy: F.linear's gemv reads
+    the [vocab, C] head ~3x slower (4.7 vs 1.7 ms)."""
+    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        return lambda x: F.linear(x, weight, bias) if torch.compiler.is_compiling() else \
+            torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # inductor packs its own
+    if weight.device.type == "cpu":
+        weight_t = weight.t().contiguous()
+        return lambda x: x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+    return lambda x: F.linear(x, weight, bias)
 
 def rope_cos_sin(config):
     """RoPE tables [max_position_embeddings, head_dim]: angle position * theta^(-2i/D), duplicated to D."""
@@ -393,6 +411,62 @@ class Doge(nn.Module):
     # -------------------------------------------------------------------------
     # generation
 
+    def decode_weights(self, vocab_size=None):
+        """The weights of decode_step, once per generate call: in the compute dtype (autocast's when it is on, so
+        no step casts them again), q/k/v/dt (and the q/k norms) and gate/up each fused into one matrix, the head cut
+        to the tokenizer's vocab_size rows. A batch-1 step is many small ops: fewer and faster ones is its speed."""
+        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        cast = lambda *tensors: torch.cat(tensors).to(dtype)
+        def linear(*modules):  # one fast_linear for the stacked outputs of modules
+            biases = [m.bias for m in modules if m.bias is not None]
+            return fast_linear(cast(*(m.weight for m in modules)), cast(*biases) if biases else None)
+        H, G, D = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
+        layers = []
+        for layer in self.model.layers:
+            a = layer.self_attn
+            # dt_proj(v_proj(x)) = x (W_dt W_v)^T + (W_dt b_v + b_dt): dt's input is one more output block
+            v_to_dt = SimpleNamespace(weight=a.dt_proj.weight @ a.v_proj.weight, bias=None if a.dt_proj.bias is None
+                                      else a.dt_proj.weight @ a.v_proj.bias + a.dt_proj.bias)
+            mlp = layer.mlp
+            layers.append(SimpleNamespace(
+                norm_1=cast(layer.input_layernorm.weight), residual_1=cast(layer.input_residual),
+                qkv_dt=linear(a.q_proj, a.k_proj, a.v_proj, v_to_dt), o=linear(a.o_proj), A=cast(a.A),
+                qk_norm=cast(a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(G, D)),
+                norm_2=cast(layer.post_attention_layernorm.weight), residual_2=cast(layer.post_attention_residual),
+                gate_up=None if self.config.is_moe else linear(mlp.gate_proj, mlp.up_proj),
+                down=None if self.config.is_moe else linear(mlp.down_proj)))
+        return SimpleNamespace(dtype=dtype, layers=layers, embed=cast(self.model.embed_tokens.weight),
+                               norm=cast(self.model.norm.weight),
+                               head=fast_linear(cast(self.lm_head.weight[:vocab_size])))
+
+    def decode_step(self, ids, cache, w):
+        """Logits [B, vocab] of the next token after ids [B] (one new position per row), from decode_weights w:
+        the layers of hidden_states for T = 1, written with fused weights and one op wherever one will do."""
+        if not torch.compiler.is_compiling():
+            self.check_input(ids[:, None], cache.length)
+        c, B = self.config, ids.size(0)
+        H, G, D, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        cos, sin = (t[cache.length].to(w.dtype) for t in (self.rope_cos, self.rope_sin))
+        x = F.embedding(ids, w.embed)  # [B, C]
+        for i, (layer, lw) in enumerate(zip(self.model.layers, w.layers)):
+            qk, v, dt = lw.qkv_dt(rms_norm(x, lw.norm_1, eps)).split([(H + G) * D, G * D, G], dim=-1)
+            qk = apply_rope(rms_norm(qk.view(B, H + G, D), lw.qk_norm, eps), cos, sin)  # q and k heads together
+            dt = torch.exp(lw.A * F.softplus(dt))  # [B, G]
+            k, v, dt = cache.update(i, qk[:, H:, None], v.view(B, G, 1, D), dt[:, :, None])
+            y = attention_with_bias(qk[:, :H, None], k, v, dynamic_mask(dt, 1, c.keep_window_size), 0.0)
+            x = torch.addcmul(lw.o(y.view(B, H * D)), x, lw.residual_1)  # residual_1 * x + attention
+            h = rms_norm(x, lw.norm_2, eps)
+            if lw.gate_up is None:  # MoE: the module itself, on a length-1 sequence
+                h = layer.mlp(h[:, None])[0][:, 0]
+            else:
+                gate, up = lw.gate_up(h).chunk(2, dim=-1)
+                h = lw.down(F.silu(gate) * up)
+            x = torch.addcmul(h, x, lw.residual_2)
+        cache.length += 1
+        return w.head(rms_norm(x, w.norm, eps))
+
     @torch.inference_mode()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
                         repetition_penalty=1.0, attention_mask=None, vocab_size=None):
@@ -417,14 +491,14 @@ class Doge(nn.Module):
         cache = KVCache(self.config.num_hidden_layers, T + max_new_tokens, padding)
         # the repetition penalty's seen tokens: a pad counts as the row's last prompt token (already seen)
         seen = idx if padding is None else torch.where(padding, idx[:, -1:], idx)
-        # the head as [C, vocab]: for a few rows, x @ W^T against the [vocab, C] weight is a gemv that reads the
-        # vocab-sized matrix ~3x slower on CPUs (measured 4.7 vs 1.7 ms for Doge-20M's 32768 x 256); only the
-        # rows of ids the tokenizer has are kept, so no other id can be sampled
-        head = self.lm_head.weight[:vocab_size].t().contiguous()
-        new_ids = idx
+        w = None
         for step in range(max_new_tokens):
-            x, _ = self.hidden_states(new_ids, cache)
-            logits = x[:, -1] @ head
+            # only the head's rows of ids the tokenizer has: no other id can be sampled
+            if step == 0:  # the prompt, all positions at once
+                logits = F.linear(self.hidden_states(idx, cache)[0][:, -1], self.lm_head.weight[:vocab_size])
+            else:
+                w = w or self.decode_weights(vocab_size)  # made after the first token: not in its latency
+                logits = self.decode_step(next_ids, cache, w)
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, seen, repetition_penalty)
             next_ids = sample_next_token(logits, temperature, top_k, top_p)
@@ -434,9 +508,8 @@ class Doge(nn.Module):
             yield next_ids
             if len(eos_ids) and finished.all():
                 return
-            new_ids = next_ids[:, None]
             if repetition_penalty != 1.0:
-                seen = torch.cat((seen, new_ids), dim=1)
+                seen = torch.cat((seen, next_ids[:, None]), dim=1)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
                  repetition_penalty=1.0, attention_mask=None, vocab_size=None):

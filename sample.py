@@ -64,6 +64,7 @@ def load(cfg):
     if cfg.compile:
         # decode steps grow the KV cache by one position each: dynamic shapes avoid a recompile per step
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+        model.decode_step = torch.compile(model.decode_step, dynamic=True)
     return model, tok
 
 

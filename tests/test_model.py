@@ -199,18 +199,42 @@ def test_cached_generation_equals_full_recompute():
             seq = torch.cat((seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
     assert torch.equal(model.generate(idx, 10, temperature=0.0), seq)
 
-def test_cached_logits_equal_full_forward_across_keep_window_edge():
-    """Teacher-forced decode through the cache against one full forward, top-k active from key 10 on.
-    Distinct tokens: the first layer's v (so dt) depends on the token alone, and top-k among tied dt
+def teacher_forced_decode(model, seq, prompt_len):
+    """Logits [B, T - prompt_len + 1, vocab] for positions prompt_len - 1 on: the prompt through hidden_states,
+    then each next token of seq through decode_step, the KV cache growing by one key a step."""
+    cache = M.KVCache(model.config.num_hidden_layers, seq.size(1))
+    weights = model.decode_weights()
+    logits = [weights.head(model.hidden_states(seq[:, :prompt_len], cache)[0][:, -1].to(weights.dtype))]
+    logits += [model.decode_step(seq[:, t], cache, weights) for t in range(prompt_len, seq.size(1))]
+    assert cache.length == seq.size(1) and cache.dt[0].shape[-1] == seq.size(1)  # dt cached beside k and v
+    return torch.stack(logits, dim=1)
+
+@pytest.mark.parametrize("overrides", [dict(), dict(attention_bias=True, mlp_bias=True),
+                                       dict(is_moe=True, num_experts=16, num_experts_per_tok=4, tie_word_embeddings=True)])
+def test_decode_steps_equal_full_forward_across_keep_window_edge(overrides):
+    """decode_step (fused q/k/v/dt and gate/up weights) against one full forward, top-k active from key 10
+    on. Distinct tokens: the first layer's v (so dt) depends on the token alone, and top-k among tied dt
     values is arbitrary (in the reference as well)."""
-    model = make_model(keep_window_size=9)
+    model = make_model(keep_window_size=9, **overrides)
     seq = torch.stack([torch.randperm(97)[:15] for _ in range(2)])
     with torch.no_grad():
-        cache = M.KVCache(model.config.num_hidden_layers, 15)
-        cached = [model.lm_head(model.hidden_states(seq[:, :5], cache)[0])]
-        cached += [model.lm_head(model.hidden_states(seq[:, t:t + 1], cache)[0]) for t in range(5, 15)]
-        assert max_diff(torch.cat(cached, dim=1), model(seq)[0]) <= 1e-5
-    assert cache.length == 15 and cache.dt[0].shape == (2, 2, 15)  # each key's dt is cached beside k and v
+        assert max_diff(teacher_forced_decode(model, seq, 5), model(seq)[0][:, 4:]) <= 1e-5
+
+def test_bfloat16_decode_steps_stay_near_the_full_forward():
+    """In bfloat16 (on a CPU through oneDNN-packed weights), cast or under autocast, the decode path rounds
+    differently from a full forward but stays within bfloat16's error of the float32 logits. (No top-k here:
+    a rounded dt can swap which keys survive it, a difference of another kind.)"""
+    model = make_model()
+    seq = torch.stack([torch.randperm(97)[:15] for _ in range(2)])
+    with torch.no_grad():
+        exact = model(seq)[0][:, 4:]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = teacher_forced_decode(model, seq, 5)
+        cast = teacher_forced_decode(model.to(torch.bfloat16), seq, 5)
+    for logits in (autocast, cast):
+        assert logits.dtype == torch.bfloat16
+        assert max_diff(logits.float(), exact) <= 0.05 * exact.abs().max()
+        assert (logits.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
 
 def test_batched_generation_equals_one_by_one():
     model = make_model()
