@@ -9,6 +9,7 @@ MFU is against a peak measured here (a large matmul in the same dtype), not a da
     python bench.py --dtypes=float32 --reference=False
 """
 import time
+import statistics
 
 import torch
 
@@ -20,7 +21,7 @@ DEFAULTS = dict(
     vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
     num_key_value_heads=1, tie_word_embeddings=True,
     # training step
-    batch_size=8, seq_len=512, warmup_steps=1, timed_steps=3, dtypes="float32,bfloat16", compile=False,
+    batch_size=8, seq_len=512, warmup_steps=1, timed_steps=5, dtypes="float32,bfloat16", compile=False,
     # generation: greedy batch 1; GRPO-style rollouts (sampled, rollout_batch rows); the cost of a decode step
     # early and late in a long completion (constant with the KV cache, up to keep_window_size)
     new_tokens=128, prompt_len=16, ttft_prompt_len=512, rollout_batch=64, rollout_tokens=96, long_tokens=1024,
@@ -38,24 +39,28 @@ def reference_model(config):
     hf_config = HFDogeConfig.from_dict(config.to_hf_dict())
     return DogeForCausalLM(hf_config)
 
-def time_training(model, loss_fn, cfg, device, dtype, label):
-    """Tokens/s of full optimizer steps (forward, backward, AdamW) on random tokens."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+def time_training(runs, cfg, device, dtype):
+    """Tokens/s of full optimizer steps (forward, backward, AdamW) on random tokens for each (label, module,
+    loss_fn) of runs: their steps interleaved so that every run meets the same machine, and the median step of
+    each, as a shared machine's noise moves single steps by tens of percent."""
     idx = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    optimizers = [torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda") for _, module, _ in runs]
+    seconds = [[] for _ in runs]
     for step in range(cfg.warmup_steps + cfg.timed_steps):
-        if step == cfg.warmup_steps:
+        for (label, module, loss_fn), optimizer, times in zip(runs, optimizers, seconds):
             sync()
             start = time.perf_counter()
-        with common.autocast(device, dtype):
-            loss = loss_fn(model, idx)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step < cfg.warmup_steps:
-            print(f"  {label}: warm-up step {step} done (loss {loss.item():.3f})", flush=True)
-    sync()
-    return cfg.timed_steps * cfg.batch_size * cfg.seq_len / (time.perf_counter() - start)
+            with common.autocast(device, dtype):
+                loss = loss_fn(module, idx)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.perf_counter() - start)
+            if step < cfg.warmup_steps:
+                print(f"  {label}: warm-up step {step} done (loss {loss.item():.3f})", flush=True)
+    return [cfg.batch_size * cfg.seq_len / statistics.median(times[cfg.warmup_steps:]) for times in seconds]
 
 def ours_loss(model, idx):
     return model(idx[:, :-1], idx[:, 1:])[1]
@@ -139,26 +144,38 @@ def main(argv=None):
             print(f"  skipping {dtype}: this device's {dtype} matmuls are slower than float32 "
                   f"(no AVX-512 BF16 / AMX?), a training step would take minutes")
             continue
-        runs = [("nanodoge", model, ours_loss, False)]
+        runs = {("nanodoge", dtype, False): (model, ours_loss)}
         if cfg.compile:
-            runs.append(("nanodoge", torch.compile(model), ours_loss, True))
+            runs[("nanodoge", dtype, True)] = (torch.compile(model), ours_loss)
         if reference is not None:
-            runs.append(("transformers", reference, reference_loss, False))
-        for who, module, loss_fn, compiled in runs:
-            label = f"{who} {dtype}{' compiled' if compiled else ''}"
-            tokens_per_s = time_training(module, loss_fn, cfg, device, dtype, label)
-            results[(who, dtype, compiled)] = tokens_per_s
-            print(f"train {label:32s} {tokens_per_s:8.0f} tokens/s  MFU {flops_per_token * tokens_per_s / peak:6.1%}",
-                  flush=True)
+            runs[("transformers", dtype, False)] = (reference, reference_loss)
+        labels = [f"{who} {dtype}{' compiled' if compiled else ''}" for who, dtype, compiled in runs]
+        rates = time_training([(label, *run) for label, run in zip(labels, runs.values())], cfg, device, dtype)
+        for key, label, tokens_per_s in zip(runs, labels, rates):
+            results[key] = tokens_per_s
+            print(f"train {label:32s} {tokens_per_s:8.0f} tokens/s  MFU {flops_per_token * tokens_per_s / peak:6.1%}")
 
     model.eval()
-    ours_gen = time_generation(lambda p, n: model.generate(p, n, temperature=0.0), cfg, device)
-    print(f"generate nanodoge      {ours_gen[0]:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
-          f"prompt) {ours_gen[1] * 1e3:7.1f} ms", flush=True)
+    dtypes = sorted({dtype for _, dtype, _ in results}, reverse=True)  # float32 first; those not skipped
+    generation = {}  # (who, dtype, compiled) -> (greedy tokens/s, seconds to the first token)
+    def report_generation(who, dtype, compiled, generate):
+        with common.autocast(device, dtype):
+            generation[(who, dtype, compiled)] = rate, ttft = time_generation(generate, cfg, device)
+        label = f"{who} {dtype}{' compiled' if compiled else ''}"
+        print(f"generate {label:32s} {rate:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
+              f"prompt) {ttft * 1e3:7.1f} ms", flush=True)
+    for dtype in dtypes:
+        report_generation("nanodoge", dtype, False, lambda p, n: model.generate(p, n, temperature=0.0))
+    if cfg.compile:  # as sample.py --compile does it
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
+        model.decode_step = torch.compile(model.decode_step, dynamic=True)
+        for dtype in dtypes:
+            report_generation("nanodoge", dtype, True, lambda p, n: model.generate(p, n, temperature=0.0))
+        del model.hidden_states, model.decode_step  # the eager methods again
     early_ms, late_ms, recompute_ms = time_decode_steps(model, cfg, device)
     print(f"decode step (batch 1)  {early_ms:8.2f} ms over new tokens 1-128, {late_ms:.2f} ms over "
           f"{cfg.long_tokens - 127}-{cfg.long_tokens}; without the KV cache a step there would cost {recompute_ms:.0f} ms")
-    rollout_dtype = "bfloat16" if any(dtype == "bfloat16" for _, dtype, _ in results) else "float32"
+    rollout_dtype = dtypes[-1]
     rollout_rate = time_rollouts(model, cfg, device, rollout_dtype)
     print(f"rollouts nanodoge      {rollout_rate:8.0f} completion tokens/s ({cfg.rollout_batch} rows x "
           f"{cfg.rollout_tokens} sampled tokens, {rollout_dtype} autocast)", flush=True)
@@ -171,9 +188,8 @@ def main(argv=None):
             with torch.no_grad():
                 return reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
                                           min_new_tokens=n, do_sample=False, pad_token_id=0)
-        ref_gen = time_generation(reference_generate, cfg, device)
-        print(f"generate transformers  {ref_gen[0]:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
-              f"prompt) {ref_gen[1] * 1e3:7.1f} ms")
+        for dtype in dtypes:
+            report_generation("transformers", dtype, False, reference_generate)
 
         print("\nratios, nanodoge / transformers (same run):")
         for (who, dtype, compiled), tokens_per_s in results.items():
@@ -184,7 +200,14 @@ def main(argv=None):
                 if dtype != "float32" and fp32:
                     line += f", {tokens_per_s / fp32:.2f}x transformers float32"
                 print(line)
-        print(f"  generate: {ours_gen[0] / ref_gen[0]:.1f}x tokens/s, time to first token {ref_gen[1] / ours_gen[1]:.1f}x faster")
+        ref_fp32 = generation.get(("transformers", "float32", False))
+        for (who, dtype, compiled), (rate, ttft) in generation.items():
+            ref_rate, ref_ttft = generation[("transformers", dtype, False)]
+            if who == "nanodoge":
+                line = (f"  generate {dtype}{' compiled' if compiled else ''}: {rate / ref_rate:.1f}x tokens/s"
+                        f"{f' ({rate / ref_fp32[0]:.1f}x its float32)' if dtype != 'float32' and ref_fp32 else ''}, "
+                        f"time to first token {ref_ttft / ttft:.1f}x faster")
+                print(line)
 
 if __name__ == "__main__":
     common.run(main)
