@@ -108,7 +108,8 @@ def fast_linear(weight, bias=None):
     oneDNN's blocked layout, as torch.compile's freezing does: Doge-20M's head then takes 0.2-0.3 ms a batch-1
     token instead of F.linear's 1.8 ms. A float32 one is multiplied as a transposed copy: F.linear's gemv reads
     the [vocab, C] head ~3x slower (4.7 vs 1.7 ms)."""
-    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+    if (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):  # the CPU has bf16 instructions (as inductor checks)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
         return lambda x: F.linear(x, weight, bias) if torch.compiler.is_compiling() else \
             torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # inductor packs its own

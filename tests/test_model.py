@@ -220,10 +220,13 @@ def test_decode_steps_equal_full_forward_across_keep_window_edge(overrides):
     with torch.no_grad():
         assert max_diff(teacher_forced_decode(model, seq, 5), model(seq)[0][:, 4:]) <= 1e-5
 
-def test_bfloat16_decode_steps_stay_near_the_full_forward():
-    """In bfloat16 (on a CPU through oneDNN-packed weights), cast or under autocast, the decode path rounds
-    differently from a full forward but stays within bfloat16's error of the float32 logits. (No top-k here:
-    a rounded dt can swap which keys survive it, a difference of another kind.)"""
+@pytest.mark.parametrize("onednn", [True, False])
+def test_bfloat16_decode_steps_stay_near_the_full_forward(onednn, monkeypatch):
+    """In bfloat16 (on a CPU through oneDNN-packed weights, or plain matmuls where oneDNN is missing), cast or
+    under autocast, the decode path rounds differently from a full forward but stays within bfloat16's error of
+    the float32 logits. (No top-k here: a rounded dt can swap which keys survive it, a difference of another kind.)"""
+    if not onednn:
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     model = make_model()
     seq = torch.stack([torch.randperm(97)[:15] for _ in range(2)])
     with torch.no_grad():
