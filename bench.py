@@ -202,12 +202,12 @@ def main(argv=None):
                 print(line)
         ref_fp32 = generation.get(("transformers", "float32", False))
         for (who, dtype, compiled), (rate, ttft) in generation.items():
+            if who != "nanodoge":
+                continue
             ref_rate, ref_ttft = generation[("transformers", dtype, False)]
-            if who == "nanodoge":
-                line = (f"  generate {dtype}{' compiled' if compiled else ''}: {rate / ref_rate:.1f}x tokens/s"
-                        f"{f' ({rate / ref_fp32[0]:.1f}x its float32)' if dtype != 'float32' and ref_fp32 else ''}, "
-                        f"time to first token {ref_ttft / ttft:.1f}x faster")
-                print(line)
+            print(f"  generate {dtype}{' compiled' if compiled else ''}: {rate / ref_rate:.1f}x tokens/s"
+                  f"{f' ({rate / ref_fp32[0]:.1f}x its float32)' if dtype != 'float32' and ref_fp32 else ''}, "
+                  f"time to first token {ref_ttft / ttft:.1f}x faster")
 
 if __name__ == "__main__":
     common.run(main)
