@@ -461,3 +461,16 @@ def test_token_out_of_vocabulary_and_too_long():
     one_line_error(e, "targets")
     longer = Doge(DogeConfig(**{**TINY, "max_position_embeddings": 32}))  # the override: a bigger config value
     assert longer(torch.zeros(1, 17, dtype=torch.long))[0].shape == (1, 17, 97)
+
+def test_bench_runs_and_reports_every_row(capsys):
+    """bench.py end to end on a tiny shape, with the reference: every row and ratio it promises is printed."""
+    import bench
+    bench.main(["--vocab_size=97", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
+                "--num_attention_heads=2", "--num_key_value_heads=1", "--batch_size=2", "--seq_len=16",
+                "--timed_steps=1", "--dtypes=float32", "--new_tokens=4", "--prompt_len=4", "--ttft_prompt_len=8",
+                "--long_tokens=136", "--rollout_batch=2", "--rollout_tokens=2", "--encode=False"])
+    out = capsys.readouterr().out
+    for row in ["train nanodoge float32", "train transformers float32", "generate nanodoge float32",
+                "generate transformers float32", "decode step (batch 1)", "rollouts nanodoge",
+                "train float32: ", "generate float32: "]:
+        assert row in out, row
