@@ -419,7 +419,8 @@ class Doge(nn.Module):
         device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-        cast = lambda *tensors: torch.cat(tensors).to(dtype)
+        # stacked, in dtype; one tensor already in dtype is used as it is (the head: no 33 MB copy per call)
+        cast = lambda *tensors: (torch.cat(tensors) if len(tensors) > 1 else tensors[0]).to(dtype)
         def linear(*modules):  # one fast_linear for the stacked outputs of modules
             biases = [m.bias for m in modules if m.bias is not None]
             return fast_linear(cast(*(m.weight for m in modules)), cast(*biases) if biases else None)
@@ -438,8 +439,7 @@ class Doge(nn.Module):
                 norm_2=cast(layer.post_attention_layernorm.weight), residual_2=cast(layer.post_attention_residual),
                 gate_up=None if self.config.is_moe else linear(mlp.gate_proj, mlp.up_proj),
                 down=None if self.config.is_moe else linear(mlp.down_proj)))
-        return SimpleNamespace(dtype=dtype, layers=layers, embed=cast(self.model.embed_tokens.weight),
-                               norm=cast(self.model.norm.weight),
+        return SimpleNamespace(dtype=dtype, layers=layers, norm=cast(self.model.norm.weight),
                                head=fast_linear(cast(self.lm_head.weight[:vocab_size])))
 
     def decode_step(self, ids, cache, w):
@@ -450,7 +450,7 @@ class Doge(nn.Module):
         c, B = self.config, ids.size(0)
         H, G, D, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
         cos, sin = (t[cache.length].to(w.dtype) for t in (self.rope_cos, self.rope_sin))
-        x = F.embedding(ids, w.embed)  # [B, C]
+        x = self.model.embed_tokens(ids).to(w.dtype)  # [B, C]: the rows looked up, not a copy of the table
         for i, (layer, lw) in enumerate(zip(self.model.layers, w.layers)):
             qk, v, dt = lw.qkv_dt(rms_norm(x, lw.norm_1, eps)).split([(H + G) * D, G * D, G], dim=-1)
             qk = apply_rope(rms_norm(qk.view(B, H + G, D), lw.qk_norm, eps), cos, sin)  # q and k heads together
