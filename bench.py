@@ -1,8 +1,10 @@
 """
-Speed of model.py against transformers' DogeForCausalLM, measured in the same run:
-training-step tokens/s and MFU (fwd + bwd + AdamW) in float32 and under bfloat16 autocast, eagerly and with
---compile; greedy generation tokens/s (batch 1) and time to first token for a long prompt.
-MFU is against a peak measured here (a large matmul in the same dtype), not a datasheet number.
+Speed of model.py (training) and engine.py (generation) against transformers' DogeForCausalLM, measured in
+the same run: training-step tokens/s and MFU (fwd + bwd + AdamW) in float32 and, where the device computes it
+natively, under bfloat16 autocast, eagerly and with --compile; greedy generation tokens/s (batch 1) and time to
+first token for a long prompt. Each speed trick has its row beside the plain path it replaces: the chunked
+training loss against F.cross_entropy, the Engine against model.generate. MFU is against a peak measured here
+(back-to-back large matmuls in the same dtype), not a datasheet number. GPU timers synchronize.
 
     python bench.py                         # Doge-20M shape, B=8, T=512
     python bench.py --compile=True          # also torch.compile (about a minute per dtype on a cold cache)
@@ -14,7 +16,9 @@ import statistics
 import torch
 
 import common
+from engine import Engine
 from model import Doge, DogeConfig
+from training import training_cross_entropy
 
 DEFAULTS = dict(
     # model shape (Doge-20M)
@@ -28,7 +32,7 @@ DEFAULTS = dict(
     # tokenizer encoding throughput on the Shakespeare corpus (prepare_data.py's default)
     encode=True,
     # system
-    device="cpu", seed=1337, reference=True,  # reference: also measure transformers' DogeForCausalLM
+    device="auto", seed=1337, reference=True,  # reference: also measure transformers' DogeForCausalLM
 )
 MODEL_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "tie_word_embeddings"]
@@ -44,7 +48,7 @@ def time_training(runs, cfg, device, dtype):
     loss_fn) of runs: their steps interleaved so that every run meets the same machine, and the median step of
     each, as a shared machine's noise moves single steps by tens of percent."""
     idx = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: common.synchronize(device)
     optimizers = [torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda") for _, module, _ in runs]
     seconds = [[] for _ in runs]
     for step in range(cfg.warmup_steps + cfg.timed_steps):
@@ -62,15 +66,17 @@ def time_training(runs, cfg, device, dtype):
                 print(f"  {label}: warm-up step {step} done (loss {loss.item():.3f})", flush=True)
     return [cfg.batch_size * cfg.seq_len / statistics.median(times[cfg.warmup_steps:]) for times in seconds]
 
-def ours_loss(model, idx):
-    return model(idx[:, :-1], idx[:, 1:])[1]
+def ours_loss(cross_entropy):
+    return lambda model, idx: model(idx[:, :-1], idx[:, 1:], cross_entropy=cross_entropy)[1]
 
 def reference_loss(model, idx):
     return model(input_ids=idx[:, :-1], labels=idx[:, :-1]).loss  # labels are shifted inside
 
-def time_call(fn):
+def time_call(fn, device):
+    common.synchronize(device)
     start = time.perf_counter()
     fn()
+    common.synchronize(device)
     return time.perf_counter() - start
 
 def time_generation(generate, cfg, device):
@@ -79,29 +85,31 @@ def time_generation(generate, cfg, device):
     prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), device=device)
     long_prompt = torch.randint(cfg.vocab_size, (1, cfg.ttft_prompt_len), device=device)
     generate(prompt, 4)  # warm up
-    seconds = min(time_call(lambda: generate(prompt, cfg.new_tokens)) for _ in range(2))
-    ttft = min(time_call(lambda: generate(long_prompt, 1)) for _ in range(2))
+    seconds = min(time_call(lambda: generate(prompt, cfg.new_tokens), device) for _ in range(2))
+    ttft = min(time_call(lambda: generate(long_prompt, 1), device) for _ in range(2))
     return cfg.new_tokens / seconds, ttft
 
-def time_decode_steps(model, cfg, device):
+def time_decode_steps(engine, cfg, device):
     """Milliseconds per decode step (batch 1, greedy) over the first 128 new tokens and the last 128 of
     long_tokens, and of one forward pass over long_tokens tokens: what each step would cost without the KV cache."""
     prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), device=device)
     stamps = [time.perf_counter()]
-    for _ in model.generate_stream(prompt, cfg.long_tokens, temperature=0.0):
+    for next_ids in engine.generate_stream(prompt, cfg.long_tokens, temperature=0.0):
+        next_ids.cpu()  # the step's token on the host: the step is done
         stamps.append(time.perf_counter())
     early = (stamps[129] - stamps[1]) / 128
     late = (stamps[-1] - stamps[-129]) / 128
     with torch.inference_mode():
-        recompute = time_call(lambda: model(torch.randint(cfg.vocab_size, (1, cfg.long_tokens), device=device)))
+        recompute = time_call(lambda: engine.model(torch.randint(cfg.vocab_size, (1, cfg.long_tokens), device=device)),
+                              device)
     return early * 1e3, late * 1e3, recompute * 1e3
 
-def time_rollouts(model, cfg, device, dtype):
+def time_rollouts(engine, cfg, device, dtype):
     """Completion tokens/s of GRPO-style rollouts: rollout_batch rows sampled at temperature 1 under autocast."""
     prompts = torch.randint(cfg.vocab_size, (cfg.rollout_batch, cfg.prompt_len), device=device)
     with common.autocast(device, dtype):
-        model.generate(prompts, 4)  # warm up
-        seconds = time_call(lambda: model.generate(prompts, cfg.rollout_tokens, temperature=1.0))
+        engine.generate(prompts, 4)  # warm up
+        seconds = time_call(lambda: engine.generate(prompts, cfg.rollout_tokens, temperature=1.0), device)
     return cfg.rollout_batch * cfg.rollout_tokens / seconds
 
 def time_encoding():
@@ -120,14 +128,15 @@ def time_encoding():
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
-    device = torch.device(cfg.device)
+    device = common.setup_distributed(cfg.device).device
     torch.manual_seed(cfg.seed)
     config = DogeConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
     model = Doge(config).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     flops_per_token = model.flops_per_token(cfg.seq_len)
     print(f"Doge: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f} MFLOP per training token at "
-          f"T={cfg.seq_len}; {torch.get_num_threads()} threads on {device}")
+          f"T={cfg.seq_len}; {torch.get_num_threads()} threads on {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else torch.backends.cpu.get_cpu_capability()})")
     reference = None
     if cfg.reference:
         try:
@@ -137,16 +146,19 @@ def main(argv=None):
             print("transformers is not installed: measuring nanodoge only")
 
     results, peaks = {}, {}  # (who, dtype, compiled) -> tokens/s; dtype -> matmul FLOP/s
+    native, why = common.native_dtype(device)
     for dtype in cfg.dtypes.split(","):
-        peaks[dtype] = peak = common.measure_peak_flops(device, dtype, size=1024)
-        print(f"{dtype}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
-        if dtype != "float32" and peak < peaks.get("float32", 0):
-            print(f"  skipping {dtype}: this device's {dtype} matmuls are slower than float32 "
-                  f"(no AVX-512 BF16 / AMX?), a training step would take minutes")
+        if dtype != "float32" and dtype != native:
+            print(f"skipping {dtype}: {why}")
             continue
-        runs = {("nanodoge", dtype, False): (model, ours_loss)}
+        peaks[dtype] = peak = common.measure_peak_flops(device, dtype)
+        print(f"{dtype}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        # the loss the training loop uses on this device, and, where that is the chunked one, the plain one
+        runs = {("nanodoge", dtype, False): (model, ours_loss(training_cross_entropy(device, compiled=False)))}
+        if training_cross_entropy(device, compiled=False) is not None:
+            runs[("nanodoge F.cross_entropy", dtype, False)] = (model, ours_loss(None))
         if cfg.compile:
-            runs[("nanodoge", dtype, True)] = (torch.compile(model), ours_loss)
+            runs[("nanodoge", dtype, True)] = (torch.compile(model), ours_loss(None))
         if reference is not None:
             runs[("transformers", dtype, False)] = (reference, reference_loss)
         labels = [f"{who} {dtype}{' compiled' if compiled else ''}" for who, dtype, compiled in runs]
@@ -164,19 +176,19 @@ def main(argv=None):
         label = f"{who} {dtype}{' compiled' if compiled else ''}"
         print(f"generate {label:32s} {rate:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
               f"prompt) {ttft * 1e3:7.1f} ms", flush=True)
+    engine = Engine(model)
     for dtype in dtypes:
-        report_generation("nanodoge", dtype, False, lambda p, n: model.generate(p, n, temperature=0.0))
+        report_generation("nanodoge", dtype, False, lambda p, n: engine.generate(p, n, temperature=0.0))
+        report_generation("nanodoge model.generate", dtype, False, lambda p, n: model.generate(p, n, temperature=0.0))
     if cfg.compile:  # as sample.py --compile does it
-        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
-        model.decode_step = torch.compile(model.decode_step, dynamic=True)
+        compiled_engine = Engine(model, compile=True)
         for dtype in dtypes:
-            report_generation("nanodoge", dtype, True, lambda p, n: model.generate(p, n, temperature=0.0))
-        del model.hidden_states, model.decode_step  # the eager methods again
-    early_ms, late_ms, recompute_ms = time_decode_steps(model, cfg, device)
+            report_generation("nanodoge", dtype, True, lambda p, n: compiled_engine.generate(p, n, temperature=0.0))
+    early_ms, late_ms, recompute_ms = time_decode_steps(engine, cfg, device)
     print(f"decode step (batch 1)  {early_ms:8.2f} ms over new tokens 1-128, {late_ms:.2f} ms over "
           f"{cfg.long_tokens - 127}-{cfg.long_tokens}; without the KV cache a step there would cost {recompute_ms:.0f} ms")
     rollout_dtype = dtypes[-1]
-    rollout_rate = time_rollouts(model, cfg, device, rollout_dtype)
+    rollout_rate = time_rollouts(engine, cfg, device, rollout_dtype)
     print(f"rollouts nanodoge      {rollout_rate:8.0f} completion tokens/s ({cfg.rollout_batch} rows x "
           f"{cfg.rollout_tokens} sampled tokens, {rollout_dtype} autocast)", flush=True)
     if cfg.encode:
@@ -193,19 +205,21 @@ def main(argv=None):
 
         print("\nratios, nanodoge / transformers (same run):")
         for (who, dtype, compiled), tokens_per_s in results.items():
-            if who == "nanodoge":
+            if who.startswith("nanodoge"):
                 like = results.get(("transformers", dtype, False))
                 fp32 = results.get(("transformers", "float32", False))
-                line = f"  train {dtype}{' compiled' if compiled else ''}: {tokens_per_s / like:.2f}x like-for-like"
+                line = f"  train {who[9:] + ' ' if who != 'nanodoge' else ''}{dtype}{' compiled' if compiled else ''}: " \
+                       f"{tokens_per_s / like:.2f}x like-for-like"
                 if dtype != "float32" and fp32:
                     line += f", {tokens_per_s / fp32:.2f}x transformers float32"
                 print(line)
         ref_fp32 = generation.get(("transformers", "float32", False))
         for (who, dtype, compiled), (rate, ttft) in generation.items():
-            if who != "nanodoge":
+            if not who.startswith("nanodoge"):
                 continue
             ref_rate, ref_ttft = generation[("transformers", dtype, False)]
-            print(f"  generate {dtype}{' compiled' if compiled else ''}: {rate / ref_rate:.1f}x tokens/s"
+            print(f"  generate {who[9:] + ' ' if who != 'nanodoge' else ''}{dtype}{' compiled' if compiled else ''}: "
+                  f"{rate / ref_rate:.2f}x tokens/s"
                   f"{f' ({rate / ref_fp32[0]:.1f}x its float32)' if dtype != 'float32' and ref_fp32 else ''}, "
                   f"time to first token {ref_ttft / ttft:.1f}x faster")
 

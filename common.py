@@ -1,10 +1,9 @@
 """
-What the nanodoge scripts share, once: errors and the entry point, config parsing, token files,
-distributed setup, the learning-rate schedule, checkpoints, and the evaluation every post-training
-stage reports. Plain functions; each script writes its own loop from these pieces.
+What every nanodoge script shares, once: errors and the entry point, atomic writes, token files, config
+parsing, devices and precision, and the learning-rate schedule. Plain functions that import nothing else of
+the project (checkpoint.py, training.py and post_training.py build on them).
 """
 import os
-import re
 import sys
 import ast
 import math
@@ -192,14 +191,38 @@ def setup_distributed(device="auto"):
     return SimpleNamespace(rank=rank, local_rank=local_rank, world_size=world_size,
                            device=torch.device(device), master=rank == 0)
 
+def cpu_has_native_bf16():
+    """True where the CPU computes bfloat16 matmuls in hardware (AVX-512 BF16 or AMX), as inductor checks it."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+def native_dtype(device):
+    """(the dtype the device trains fastest in, why): bf16 where it is computed in hardware, else fp16 with a
+    GradScaler on a GPU, else float32 (a CPU without AVX-512 BF16 or AMX emulates bf16, many times slower)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "this GPU computes bf16"
+        return "float16", "this GPU has no bf16: float16 with a GradScaler"
+    if device.type == "mps":
+        if torch.backends.mps.is_macos_or_newer(14, 0):
+            return "bfloat16", "MPS computes bf16 from macOS 14"
+        return "float32", "MPS before macOS 14 has no bf16"
+    if cpu_has_native_bf16():
+        return "bfloat16", "this CPU has bf16 instructions (AVX-512 BF16 or AMX)"
+    return "float32", f"this CPU has no bf16 instructions ({torch.backends.cpu.get_cpu_capability()}): bf16 would be emulated"
+
 def resolve_dtype(dtype, device):
-    """The training dtype actually used: bf16 falls back to fp16 (with a GradScaler) on GPUs without it."""
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        print("this GPU has no bf16: training in float16 with a GradScaler")
-        return "float16"
-    return dtype
+    """(the training dtype to use, a line that says why): dtype="auto" is native_dtype's choice; an explicit
+    bfloat16 on a device that emulates it is kept, with a warning; bf16 becomes fp16 on GPUs without it."""
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    native, why = native_dtype(device)
+    if dtype == "auto":
+        return native, f"dtype auto: {native} ({why})"
+    if dtype == "bfloat16" and device.type == "cuda" and native == "float16":
+        return "float16", f"dtype float16 instead of bfloat16 ({why})"
+    if dtype == "bfloat16" and native == "float32":
+        return dtype, f"warning: dtype bfloat16 asked for, but {why}: --dtype=auto picks float32"
+    return dtype, f"dtype {dtype}"
 
 def autocast(device, dtype):
     """Mixed precision for the forward pass: weights stay fp32, matmuls run in dtype."""
@@ -207,22 +230,30 @@ def autocast(device, dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
 
-def measure_peak_flops(device, dtype, size=2048, seconds=1.0):
+def synchronize(device):
+    """Wait for the device's queued work (GPU kernels run asynchronously: a timer must wait for them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+def measure_peak_flops(device, dtype, seconds=0.5):
     """The device's achievable matmul FLOP/s in dtype, measured (not a datasheet number): MFU's denominator.
-    The fastest of the matmuls timed, as a peak is what the device can do when nothing else takes it."""
+    Back-to-back large matmuls (4096 on a GPU, 1024 on a CPU) timed together, so the launch latency of each is
+    hidden as in a training step and the figure is what the device sustains."""
+    size = 1024 if device.type == "cpu" else 4096
     torch_dtype = getattr(torch, dtype)
     a = torch.randn(size, size, device=device, dtype=torch_dtype)
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     a @ b  # warm up
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    fastest, begin = float("inf"), time.perf_counter()
+    synchronize(device)
+    count, begin = 0, time.perf_counter()
     while time.perf_counter() - begin < seconds:
-        start = time.perf_counter()
-        a @ b
-        sync()
-        fastest = min(fastest, time.perf_counter() - start)
-    return 2 * size ** 3 / fastest
+        for _ in range(4):
+            a @ b
+        synchronize(device)
+        count += 4
+    return 2 * size ** 3 * count / (time.perf_counter() - begin)
 
 # -----------------------------------------------------------------------------
 # learning-rate schedules
@@ -252,107 +283,3 @@ def lr_at(step, max_steps, learning_rate, schedule="wsd", warmup_ratio=0.1, deca
     else:
         raise ValueError(f"decay_shape must be 'linear' or 'sqrt', got {decay_shape!r}")
     return min_lr + (learning_rate - min_lr) * remaining
-
-# -----------------------------------------------------------------------------
-# checkpoints: out_dir/ckpt_{step}.pt, written to a temp name and renamed, so a file under the final
-# name is complete (the rename is the "done" marker); the newest keep_last are kept
-
-def checkpoint_paths(out_dir):
-    """Complete checkpoints in out_dir, oldest first."""
-    if not os.path.isdir(out_dir):
-        return []
-    names = [n for n in os.listdir(out_dir) if re.fullmatch(r"ckpt_\d+\.pt", n)]
-    return [os.path.join(out_dir, n) for n in sorted(names)]
-
-def is_checkpoint(path):
-    """A nanodoge checkpoint file, or a directory holding some."""
-    return os.path.isfile(path) or bool(checkpoint_paths(path))
-
-def save_checkpoint(out_dir, step, state, keep_last=2):
-    path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
-    for old_path in checkpoint_paths(out_dir)[:-max(1, keep_last)]:
-        os.remove(old_path)
-    return path
-
-def load_checkpoint(path):
-    if os.path.isdir(path):
-        paths = checkpoint_paths(path)
-        if not paths:
-            raise FileNotFoundError(f"no checkpoint (ckpt_*.pt) in {path}: train one first")
-        path = paths[-1]
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable nanodoge checkpoint ({type(e).__name__})") from None
-
-def load_model(init_from, device="cpu"):
-    """(model, tokenizer, checkpoint) from a nanodoge out dir or ckpt file (checkpoint is its dict), or
-    from a Hugging Face-format directory or hub id (checkpoint is None)."""
-    from model import Doge, DogeConfig, pretrained_dir
-    from tokenizer import load_tokenizer, tokenizer_from_state
-    if is_checkpoint(init_from):
-        checkpoint = load_checkpoint(init_from)
-        if "tokenizer" not in checkpoint:
-            raise ValueError(f"{init_from} holds no tokenizer metadata: it was not written by nanodoge")
-        model = Doge(DogeConfig(**checkpoint["model_config"]))
-        load_state_dict_checked(model, checkpoint["model"], init_from)
-        tok = tokenizer_from_state(checkpoint["tokenizer"])
-    else:
-        if os.path.isdir(init_from) and not os.path.exists(os.path.join(init_from, "config.json")):
-            raise FileNotFoundError(f"{init_from} holds neither ckpt_*.pt nor config.json: "
-                                    "train a model first or pass init_from=<checkpoint>")
-        path = pretrained_dir(init_from)  # a hub id's snapshot holds its tokenizer.json too
-        model, checkpoint = Doge.from_pretrained(path), None
-        tok = load_tokenizer(path)
-    return model.to(device), tok, checkpoint
-
-def load_state_dict_checked(model, state_dict, source):
-    """load_state_dict, with a shape or key mismatch said in one line (a checkpoint of another shape)."""
-    expected = model.state_dict()
-    for key, tensor in state_dict.items():
-        if key in expected and expected[key].shape != tensor.shape:
-            raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)} but this model expects "
-                             f"{tuple(expected[key].shape)}: the checkpoint is of another architecture")
-    missing, unexpected = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not fit the model (missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unexpected)[:3]})")
-    model.load_state_dict(state_dict)
-
-# -----------------------------------------------------------------------------
-# what the post-training stages share
-
-def token_logprobs(logits, labels):
-    """log p(labels[t] | logits[t]) per position, in float32; labels of -1 give 0 (mask them out anyway)."""
-    logits = logits.float()
-    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(logits, dim=-1)) * (labels >= 0)
-
-@torch.no_grad()
-def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
-    """Greedy answers to chat prompts, scored by exact match of the <answer> content with example["answer"].
-    Prompts go in left-padded batches of similar length. Returns (accuracy, completions)."""
-    from model import left_pad
-    from tokenizer import render_chat, extract_answer, normalize_answer
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
-    prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
-    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    completions = [None] * len(examples)
-    for start in range(0, len(by_length), batch_size):
-        chunk = by_length[start:start + batch_size]
-        idx, attention_mask = left_pad([prompts[i] for i in chunk], tok.eos_id, device)
-        out = model.generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids,
-                             attention_mask=attention_mask, vocab_size=tok.vocab_size)
-        for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
-            row = row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))]
-            completions[i] = tok.decode(row)
-    model.train(was_training)
-    correct = sum(extract_answer(c) == normalize_answer(str(ex["answer"]))
-                  for c, ex in zip(completions, examples))
-    return correct / max(1, len(examples)), completions

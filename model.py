@@ -2,20 +2,18 @@
 The whole Doge architecture (SmallDoge, arXiv 2412.11834) in one file, numerically equal to transformers'
 DogeForCausalLM: RMSNorm, RoPE, dynamic mask attention, gated MLP or cross-domain MoE, learnable residuals,
 KV-cached generation, and Hugging Face checkpoint load/save. Parameter names are the reference's, so a
-state_dict is a Hugging Face checkpoint as it is.
+state_dict is a Hugging Face checkpoint as it is. Shapes: B batch, T query length, S key length, C hidden,
+H query heads, G key/value heads, D head dim. Fast generation for each device lives in engine.py.
 """
 import os
 import json
 import math
 from dataclasses import dataclass, fields
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-
-from common import atomic_write, write_file
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -91,8 +89,9 @@ class DogeConfig:
 # building blocks
 
 def rms_norm(x, weight, eps):
-    """x * rsqrt(mean(x^2) + eps), computed in float32, cast back, times weight."""
-    return weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)
+    """x * rsqrt(mean(x^2) + eps), computed in float32, times weight, in x's dtype (under autocast: the
+    compute dtype, so q and k, and the KV cache that holds k, stay in it)."""
+    return (weight * F.rms_norm(x.float(), (x.size(-1),), eps=eps).to(x.dtype)).to(x.dtype)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -103,23 +102,8 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
 
-def fast_linear(weight, bias=None):
-    """x -> x @ weight^T + bias for the decode loop's few rows. On a CPU a bfloat16 weight is reordered once into
-    oneDNN's blocked layout, as torch.compile's freezing does: Doge-20M's head then takes 0.2-0.3 ms a batch-1
-    token instead of F.linear's 1.8 ms. A float32 one is multiplied as a transposed copy: F.linear's gemv reads
-    the [vocab, C] head ~3x slower (4.7 vs 1.7 ms)."""
-    if (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported()):  # the CPU has bf16 instructions (as inductor checks)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
-        return lambda x: F.linear(x, weight, bias) if torch.compiler.is_compiling() else \
-            torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # inductor packs its own
-    if weight.device.type == "cpu":
-        weight_t = weight.t().contiguous()
-        return lambda x: x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
-    return lambda x: F.linear(x, weight, bias)
-
 def rope_cos_sin(config):
-    """RoPE tables [max_position_embeddings, head_dim]: angle position * theta^(-2i/D), duplicated to D."""
+    """RoPE tables [max_position_embeddings, D]: angle position * theta^(-2i/D), duplicated to D."""
     D = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
     angles = torch.arange(config.max_position_embeddings, dtype=torch.float)[:, None] * inv_freq
@@ -128,6 +112,7 @@ def rope_cos_sin(config):
 
 def apply_rope(x, cos, sin):
     """Rotate x [..., T, D] by position (the rotate-half convention: pairs are (i, i + D/2))."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -147,6 +132,11 @@ def dynamic_mask(dt, T, keep_window_size):
         bias = bias.masked_fill(~keep, lowest)
     return bias
 
+def repeat_kv(x, n):
+    """[B, G, ...] -> [B, G * n, ...]: each kv head once for each of the n query heads it serves (query head h
+    uses kv head h // n). Done by hand rather than SDPA's enable_gqa, which GPU kernels with a mask refuse."""
+    return x if n == 1 else x.repeat_interleave(n, dim=1)
+
 def attention_with_bias(q, k, v, bias, dropout_p):
     """softmax(q k^T / sqrt(D) + bias) v with GQA: q [B,H,T,D], k and v [B,G,S,D], bias [B,G,T,S]."""
     B, H, T, D = q.shape
@@ -155,27 +145,35 @@ def attention_with_bias(q, k, v, bias, dropout_p):
     if T == 1:  # a decode step: the H/G query heads of a kv group are H/G query rows under the group's bias
         y = F.scaled_dot_product_attention(q.view(B, G, H // G, D), k, v, attn_mask=bias, dropout_p=dropout_p)
         return y.view(B, H, 1, D)
-    bias = bias.repeat_interleave(H // G, dim=1)  # query head h belongs to kv group h // (H/G)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, enable_gqa=True)
+    n = H // G
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), attn_mask=repeat_kv(bias, n),
+                                          dropout_p=dropout_p)
+
+# The folded head size: one coordinate for dt, padded so that the head size stays a multiple of 8, which the
+# GPU's flash, cuDNN and memory-efficient kernels require (else SDPA falls back to the T x T math kernel).
+FOLD = 8
 
 def causal_attention_folded(q, k, v, dt, dropout_p):
-    """Fast path of attention_with_bias for a full causal sequence without top-k (S = T <= keep_window_size),
-    equal to it (tests/test_model.py holds them equal). The dynamic mask is one bias per key, the same for
-    every query, so it is an extra key coordinate: [q, 1] . [k, dt * sqrt(D)] / sqrt(D) = q.k / sqrt(D) + dt.
-    SDPA then runs with is_causal=True on its flash kernel, gradient to dt included, instead of the
-    materialised-mask math kernel (4x slower on CPU when the mask requires grad)."""
-    D = q.size(-1)
-    q = torch.cat((q, torch.ones_like(q[..., :1])), dim=-1)
-    k = torch.cat((k, (dt.to(k.dtype) * math.sqrt(D))[..., None]), dim=-1)
-    v = F.pad(v, (0, 1))  # SDPA wants one head size for q, k and v; the zero column is sliced off below
-    y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=D ** -0.5,
-                                       enable_gqa=True)
+    """attention_with_bias for a full causal sequence without top-k (S = T <= keep_window_size), equal to it
+    (tests/test_model.py holds them equal) but with no T x T mask. The dynamic mask is one bias per key, the same
+    for every query, so it is an extra key coordinate: [q, 1] . [k, dt * sqrt(D)] / sqrt(D) = q.k / sqrt(D) + dt.
+    SDPA then runs with is_causal=True on a fused kernel, gradient to dt included."""
+    B, H, T, D = q.shape
+    n = H // k.size(1)
+    one = torch.zeros(FOLD, dtype=q.dtype, device=q.device)
+    one[0] = 1
+    q = torch.cat((q, one.expand(B, H, T, FOLD)), dim=-1)                        # [B, H, T, D + FOLD]
+    k = torch.cat((k, F.pad((dt.to(k.dtype) * math.sqrt(D))[..., None], (0, FOLD - 1))), dim=-1)
+    v = F.pad(v, (0, FOLD))  # SDPA wants one head size for q, k and v; the zero columns are sliced off below
+    y = F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), dropout_p=dropout_p, is_causal=True,
+                                       scale=D ** -0.5)
     return y[..., :D]
 
 class KVCache:
-    """Keys, values and each key's dynamic-mask value dt for every layer, preallocated for max_len positions,
-    so a decode step computes dt_proj for its new key only. padding [B, T] marks the left pads of a batch of
-    prompts of unequal length: their dt is set to PAD_BIAS once, so no query ever attends to them."""
+    """Keys, values and each key's dynamic-mask value dt for every layer, preallocated for max_len positions
+    in the dtype they are computed in, so a decode step computes dt_proj for its new key only. padding [B, T]
+    marks the left pads of a batch of prompts of unequal length: their dt is set to PAD_BIAS once, so no query
+    ever attends to them."""
     def __init__(self, num_layers, max_len, padding=None):
         self.max_len, self.length, self.padding = max_len, 0, padding
         self.k, self.v, self.dt = [None] * num_layers, [None] * num_layers, [None] * num_layers
@@ -199,6 +197,9 @@ class KVCache:
 # query that sees only pads (a pad itself) gets a uniform average instead of NaN.
 PAD_BIAS = -65504.0
 
+# -----------------------------------------------------------------------------
+# attention, MLP and MoE, the decoder layer
+
 class DogeAttention(nn.Module):
     """Dynamic mask attention: GQA whose additive mask comes from the keys' values,
     dt = exp(A * softplus(dt_proj(v))) per key and kv head."""
@@ -218,20 +219,20 @@ class DogeAttention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x)
-        dt = torch.exp(self.A * F.softplus(self.dt_proj(v))).transpose(1, 2)  # [B, G, T], from [B, T, G*D]
-        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, G, T, D]
+        v = self.v_proj(x)                                                             # [B, T, G*D]
+        dt = torch.exp(self.A * F.softplus(self.dt_proj(v))).to(v.dtype).transpose(1, 2)  # [B, G, T]
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)                           # [B, G, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v, dt = cache.update(self.layer_idx, k, v, dt)
+            k, v, dt = cache.update(self.layer_idx, k, v, dt)  # now S = cached + T keys
         dropout_p = self.attention_dropout if self.training else 0.0
         if k.size(2) == T and T <= self.keep_window_size and (cache is None or cache.padding is None):
             y = causal_attention_folded(q, k, v, dt, dropout_p)
         else:
             y = attention_with_bias(q, k, v, dynamic_mask(dt, T, self.keep_window_size), dropout_p)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                        # [B, T, C]
 
 class DogeMLP(nn.Module):
     """Gated MLP: down(silu(gate(x)) * up(x))."""
@@ -286,36 +287,6 @@ def load_balancing_loss(router_logits, top_k):
     prob_per_expert = F.softmax(all_scores, dim=-1).mean(0)
     return K * K * (tokens_per_expert * prob_per_expert).sum()
 
-class CrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), targets, ignore_index=-1) for logits [N, V], without its [N, V] buffers:
-    a float32 copy, the log-softmax, and in backward a one-hot and the log-softmax's gradient, each a fresh
-    allocation written and read in full (on a 2-core CPU a third of a Doge-20M training step went there, much
-    of it page faults). Rows go in chunks that stay in the cache: forward keeps one logsumexp per row,
-    backward writes d loss / d logits = (softmax(logits) - onehot(target)) / number of targets once."""
-    ROWS = 32
-
-    @staticmethod
-    def forward(ctx, logits, targets):
-        lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(CrossEntropy.ROWS)])
-        valid = targets >= 0
-        target_logits = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).float()
-        count = valid.sum()
-        ctx.save_for_backward(logits, targets, lse, count)
-        return torch.where(valid, lse - target_logits, 0.0).sum() / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets, lse, count = ctx.saved_tensors
-        grad = torch.empty_like(logits)
-        scale = grad_loss / count
-        rows = CrossEntropy.ROWS
-        for start in range(0, logits.size(0), rows):
-            t, l = targets[start:start + rows, None], lse[start:start + rows, None]
-            p = (logits[start:start + rows].float() - l).exp_()  # softmax, from the saved logsumexp
-            p.scatter_add_(1, t.clamp(min=0), (t >= 0).to(p.dtype).neg())  # - onehot(target)
-            grad[start:start + rows] = p.mul_(torch.where(t >= 0, scale, 0.0))
-        return grad, None
-
 class DogeDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -335,6 +306,73 @@ class DogeDecoderLayer(nn.Module):
             h, logits = h
             router_logits.append(logits)
         return self.post_attention_residual * x + F.dropout(h, self.hidden_dropout, self.training)
+
+# -----------------------------------------------------------------------------
+# sampling: what Doge.generate and engine.Engine share
+
+def check_generation(model, idx, max_new_tokens, attention_mask):
+    """One-line errors for a prompt that cannot be generated from; returns its padding mask [B, T] (or None)."""
+    model.check_input(idx)
+    T = idx.size(1)
+    if T + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
+                         f"{model.config.max_position_embeddings}: ask for fewer tokens or shorten the prompt")
+    if attention_mask is None or attention_mask.all():
+        return None
+    padding = attention_mask == 0
+    if (padding[:, 1:] & ~padding[:, :-1]).any() or padding[:, -1].any():
+        raise ValueError("attention_mask must be left padding: zeros before the ones of each row")
+    return padding
+
+def eos_tensor(eos_token_id, device):
+    """None, an id or a list of ids -> a LongTensor of ids (maybe empty)."""
+    ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+def next_tokens(logits, seen, finished, eos_ids, temperature, top_k, top_p, repetition_penalty):
+    """(next ids [B, 1], finished [B]) from the next-token logits [B, V]: sampled after the repetition penalty
+    on the ids seen so far; rows already finished get the first eos id again."""
+    if repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    next_ids = sample_next_token(logits, temperature, top_k, top_p)
+    if len(eos_ids):
+        next_ids = torch.where(finished, eos_ids[0], next_ids)
+        finished = finished | torch.isin(next_ids, eos_ids)
+    return next_ids[:, None], finished
+
+def left_pad(prompts, pad_id, device="cpu"):
+
+    """Token lists of unequal length -> (idx [B, T], attention_mask [B, T]) for generate: each row right-aligned
+    behind pad_id tokens (any id in the vocabulary), the mask 0 on those pads."""
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    attention_mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return idx, attention_mask
+
+def apply_repetition_penalty(logits, seen, penalty):
+    """CTRL's penalty, as transformers applies it: logits of tokens already in the sequence are divided by
+    penalty when positive, multiplied when negative."""
+    score = logits.gather(1, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(1, seen, score)
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
+    """One token per row from logits [B, V]: greedy at temperature 0, else softmax(logits / temperature)
+    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -372,18 +410,17 @@ class Doge(nn.Module):
         if start + idx.size(1) > T_max:
             raise ValueError(f"sequence of {start + idx.size(1)} tokens is longer than max_position_embeddings "
                              f"{T_max}: shorten it or build the model with a larger max_position_embeddings")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= V):
+        if idx.numel() and ((idx < 0) | (idx >= V)).any():
             raise ValueError(f"token ids must lie in [0, {V}) (the vocabulary); got min {idx.min().item()}, "
                              f"max {idx.max().item()}: is the tokenizer the model's?")
 
     def hidden_states(self, idx, cache=None):
-        """Final-norm hidden states [B, T, C] and the MoE router logits of every layer."""
+        """Final-norm hidden states [B, T, C] of idx [B, T] (the positions after the cache's, if one is given)
+        and the MoE router logits of every layer."""
         start = cache.length if cache is not None else 0
-        if not torch.compiler.is_compiling():
-            self.check_input(idx, start)
         T = idx.size(1)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
-        x = self.model.embed_tokens(idx)
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, D]
+        x = self.model.embed_tokens(idx)                                             # [B, T, C]
         router_logits = []
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, router_logits)
@@ -391,134 +428,52 @@ class Doge(nn.Module):
             cache.length += T
         return self.model.norm(x), router_logits
 
-    def forward(self, idx, targets=None):
-        """logits [B, T, vocab] for every position; with targets (-1 = ignore), the mean cross-entropy
-        (plus router_aux_loss_coef times the load-balancing loss for MoE)."""
+    def forward(self, idx, targets=None, cross_entropy=None):
+        """logits [B, T, vocab] for every position; with targets (-1 = ignore), the mean cross-entropy (plus
+        router_aux_loss_coef times the load-balancing loss for MoE). cross_entropy(logits [N, V], targets [N]):
+        the loss function, F.cross_entropy by default; the training loop may pass an equal, faster one."""
+        if not torch.compiler.is_compiling():  # the checks read values back to the host: not inside a graph
+            self.check_input(idx)
+            if targets is not None and targets.numel() and ((targets < -1) | (targets >= self.config.vocab_size)).any():
+                raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
         x, router_logits = self.hidden_states(idx)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
-        if not torch.compiler.is_compiling() and (targets.min() < -1 or targets.max() >= self.config.vocab_size):
-            raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
-        if torch.compiler.is_compiling():  # inductor fuses the plain loss itself
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        else:
-            loss = CrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
+        cross_entropy = cross_entropy or (lambda logits, targets: F.cross_entropy(logits.float(), targets,
+                                                                                  ignore_index=-1))
+        loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
         if router_logits:
             loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(
                 router_logits, self.config.num_experts_per_tok)
         return logits, loss
 
-    # -------------------------------------------------------------------------
-    # generation
-
-    def decode_weights(self, vocab_size=None):
-        """The weights of decode_step, once per generate call: in the compute dtype (autocast's when it is on, so
-        no step casts them again), q/k/v/dt (and the q/k norms) and gate/up each fused into one matrix, the head cut
-        to the tokenizer's vocab_size rows. A batch-1 step is many small ops: fewer and faster ones is its speed."""
-        device, dtype = self.lm_head.weight.device, self.lm_head.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        # stacked, in dtype; one tensor already in dtype is used as it is (the head: no 33 MB copy per call)
-        cast = lambda *tensors: (torch.cat(tensors) if len(tensors) > 1 else tensors[0]).to(dtype)
-        def linear(*modules):  # one fast_linear for the stacked outputs of modules
-            biases = [m.bias for m in modules if m.bias is not None]
-            return fast_linear(cast(*(m.weight for m in modules)), cast(*biases) if biases else None)
-        H, G, D = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
-        layers = []
-        for layer in self.model.layers:
-            a = layer.self_attn
-            # dt_proj(v_proj(x)) = x (W_dt W_v)^T + (W_dt b_v + b_dt): dt's input is one more output block
-            v_to_dt = SimpleNamespace(weight=a.dt_proj.weight @ a.v_proj.weight, bias=None if a.dt_proj.bias is None
-                                      else a.dt_proj.weight @ a.v_proj.bias + a.dt_proj.bias)
-            mlp = layer.mlp
-            layers.append(SimpleNamespace(
-                norm_1=cast(layer.input_layernorm.weight), residual_1=cast(layer.input_residual),
-                qkv_dt=linear(a.q_proj, a.k_proj, a.v_proj, v_to_dt), o=linear(a.o_proj), A=cast(a.A),
-                qk_norm=cast(a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(G, D)),
-                norm_2=cast(layer.post_attention_layernorm.weight), residual_2=cast(layer.post_attention_residual),
-                gate_up=None if self.config.is_moe else linear(mlp.gate_proj, mlp.up_proj),
-                down=None if self.config.is_moe else linear(mlp.down_proj)))
-        return SimpleNamespace(dtype=dtype, layers=layers, norm=cast(self.model.norm.weight),
-                               head=fast_linear(cast(self.lm_head.weight[:vocab_size])))
-
-    def decode_step(self, ids, cache, w):
-        """Logits [B, vocab] of the next token after ids [B] (one new position per row), from decode_weights w:
-        the layers of hidden_states for T = 1, written with fused weights and one op wherever one will do."""
-        if not torch.compiler.is_compiling():
-            self.check_input(ids[:, None], cache.length)
-        c, B = self.config, ids.size(0)
-        H, G, D, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-        cos, sin = (t[cache.length].to(w.dtype) for t in (self.rope_cos, self.rope_sin))
-        x = self.model.embed_tokens(ids).to(w.dtype)  # [B, C]: the rows looked up, not a copy of the table
-        for i, (layer, lw) in enumerate(zip(self.model.layers, w.layers)):
-            qk, v, dt = lw.qkv_dt(rms_norm(x, lw.norm_1, eps)).split([(H + G) * D, G * D, G], dim=-1)
-            qk = apply_rope(rms_norm(qk.view(B, H + G, D), lw.qk_norm, eps), cos, sin)  # q and k heads together
-            dt = torch.exp(lw.A * F.softplus(dt))  # [B, G]
-            k, v, dt = cache.update(i, qk[:, H:, None], v.view(B, G, 1, D), dt[:, :, None])
-            y = attention_with_bias(qk[:, :H, None], k, v, dynamic_mask(dt, 1, c.keep_window_size), 0.0)
-            x = torch.addcmul(lw.o(y.view(B, H * D)), x, lw.residual_1)  # residual_1 * x + attention
-            h = rms_norm(x, lw.norm_2, eps)
-            if lw.gate_up is None:  # MoE: the module itself, on a length-1 sequence
-                h = layer.mlp(h[:, None])[0][:, 0]
-            else:
-                gate, up = lw.gate_up(h).chunk(2, dim=-1)
-                h = lw.down(F.silu(gate) * up)
-            x = torch.addcmul(h, x, lw.residual_2)
-        cache.length += 1
-        return w.head(rms_norm(x, w.norm, eps))
-
     @torch.inference_mode()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
-                        repetition_penalty=1.0, attention_mask=None, vocab_size=None):
-        """Yield the next token of every row ([B]) up to max_new_tokens times, with a KV cache. Prompts of unequal
-        length come left-padded, with attention_mask [B, T] 0 on the pads (see left_pad): RoPE scores depend on
-        relative positions only, so a row's shift by its pads changes nothing once the pads are masked. Rows that
-        produced an eos id continue with (the first) eos id; stops once every row has. vocab_size: sample only ids
-        below it, when the tokenizer has fewer tokens than the model's (padded) vocabulary."""
-        B, T = idx.shape
-        self.check_input(idx)
-        if T + max_new_tokens > self.config.max_position_embeddings:
-            raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}: ask for fewer tokens or shorten the prompt")
-        padding = None
-        if attention_mask is not None and not attention_mask.all():
-            padding = attention_mask == 0
-            if (padding[:, 1:] & ~padding[:, :-1]).any() or padding[:, -1].any():
-                raise ValueError("attention_mask must be left padding: zeros before the ones of each row")
-        eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        eos_ids = torch.tensor(eos_ids, dtype=torch.long, device=idx.device)
-        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        cache = KVCache(self.config.num_hidden_layers, T + max_new_tokens, padding)
-        # the repetition penalty's seen tokens: a pad counts as the row's last prompt token (already seen)
-        seen = idx if padding is None else torch.where(padding, idx[:, -1:], idx)
-        w = None
-        for step in range(max_new_tokens):
-            # only the head's rows of ids the tokenizer has: no other id can be sampled
-            if step == 0:  # the prompt, all positions at once
-                logits = F.linear(self.hidden_states(idx, cache)[0][:, -1], self.lm_head.weight[:vocab_size])
-            else:
-                w = w or self.decode_weights(vocab_size)  # made after the first token: not in its latency
-                logits = self.decode_step(next_ids, cache, w)
-            if repetition_penalty != 1.0:
-                logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-            next_ids = sample_next_token(logits, temperature, top_k, top_p)
-            if len(eos_ids):
-                next_ids = torch.where(finished, eos_ids[0], next_ids)
-                finished |= torch.isin(next_ids, eos_ids)
-            yield next_ids
-            if len(eos_ids) and finished.all():
-                return
-            if repetition_penalty != 1.0:
-                seen = torch.cat((seen, next_ids[:, None]), dim=1)
-
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_token_id=None,
                  repetition_penalty=1.0, attention_mask=None, vocab_size=None):
-        """idx [B, T] -> [B, T + n], n <= max_new_tokens; temperature 0 is greedy. Prompts of unequal length:
-        left-padded, with attention_mask (left_pad makes both)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
-                                        repetition_penalty, attention_mask, vocab_size))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+        """idx [B, T] -> [B, T + n], n <= max_new_tokens, with a KV cache: the prompt in one pass, then one
+        position a step through the same layers. temperature 0 is greedy. Prompts of unequal length come
+        left-padded, with attention_mask [B, T] 0 on the pads (left_pad makes both): RoPE scores depend on
+        relative positions only, so a row's shift by its pads changes nothing once the pads are masked. A row
+        that produced an eos id continues with (the first) eos id; generation stops once every row has.
+        vocab_size: sample only ids below it (a tokenizer smaller than the model's padded vocabulary).
+        engine.Engine generates the same tokens faster."""
+        padding = check_generation(self, idx, max_new_tokens, attention_mask)
+        eos_ids = eos_tensor(eos_token_id, idx.device)
+        cache = KVCache(self.config.num_hidden_layers, idx.size(1) + max_new_tokens, padding)
+        seen = idx if padding is None else torch.where(padding, idx[:, -1:], idx)  # a pad counts as already seen
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        new_ids, next_ids = [], idx
+        for _ in range(max_new_tokens):
+            x, _ = self.hidden_states(next_ids, cache)
+            logits = self.lm_head(x[:, -1])[:, :vocab_size]  # [B, vocab]: only the last position's
+            next_ids, finished = next_tokens(logits, seen, finished, eos_ids, temperature, top_k, top_p,
+                                             repetition_penalty)
+            new_ids.append(next_ids)
+            if len(eos_ids) and finished.all():
+                break
+            seen = torch.cat((seen, next_ids), dim=1) if repetition_penalty != 1.0 else seen
+        return torch.cat([idx] + new_ids, dim=1)
 
     # -------------------------------------------------------------------------
     # training helpers
@@ -590,9 +545,13 @@ class Doge(nn.Module):
         os.makedirs(out_dir, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()
                  if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
-        atomic_write(os.path.join(out_dir, "model.safetensors"),
-                     lambda path: save_file(state, path, metadata={"format": "pt"}))
-        write_file(os.path.join(out_dir, "config.json"), json.dumps(self.config.to_hf_dict(), indent=2))
+        # each file written under a temporary name, then renamed: a crash leaves the previous file whole
+        weights, config = os.path.join(out_dir, "model.safetensors"), os.path.join(out_dir, "config.json")
+        save_file(state, weights + ".tmp", metadata={"format": "pt"})
+        with open(config + ".tmp", "w") as f:
+            f.write(json.dumps(self.config.to_hf_dict(), indent=2))
+        os.replace(weights + ".tmp", weights)
+        os.replace(config + ".tmp", config)
 
 def pretrained_dir(path_or_hub_id):
     """The local directory of a Hugging Face-format checkpoint: the path itself, or a hub id's snapshot."""
@@ -639,39 +598,3 @@ def read_checkpoint_tensors(path):
             raise ValueError(f"cannot read {file}: {str(e).splitlines()[0] if str(e) else type(e).__name__} "
                              "(corrupt or truncated?)") from None
     return state
-
-# -----------------------------------------------------------------------------
-# sampling
-
-def left_pad(prompts, pad_id, device="cpu"):
-    """Token lists of unequal length -> (idx [B, T], attention_mask [B, T]) for generate: each row right-aligned
-    behind pad_id tokens (any id in the vocabulary), the mask 0 on those pads."""
-    T = max(len(p) for p in prompts)
-    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-    attention_mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
-    return idx, attention_mask
-
-def apply_repetition_penalty(logits, seen, penalty):
-    """CTRL's penalty, as transformers applies it: logits of tokens already in the sequence are divided by
-    penalty when positive, multiplied when negative."""
-    score = logits.gather(1, seen)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    return logits.scatter(1, seen, score)
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None):
-    """One token per row from logits [B, V]: greedy at temperature 0, else softmax(logits / temperature)
-    restricted to the top_k most likely tokens and to the smallest set whose probability reaches top_p."""
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)

@@ -17,6 +17,8 @@ import time
 import torch
 
 import common
+import checkpoint as ckpt
+from engine import Engine
 from tokenizer import SYSTEM_PROMPT, render_chat
 
 DEFAULTS = dict(
@@ -31,7 +33,7 @@ DEFAULTS = dict(
     repetition_penalty=1.0,  # > 1 discourages tokens already in the text (CTRL, arXiv 1909.05858)
     seed=1337,
     device="auto",       # auto = cuda, else mps, else cpu
-    dtype="auto",        # float32 | bfloat16 | float16; auto = bfloat16 (float16) on GPUs, float32 elsewhere
+    dtype="auto",        # auto | float32 | bfloat16 | float16; auto = bf16 where the device computes it natively
     compile=False,
     chat=False,          # an interactive multi-turn conversation instead of one prompt
     system=SYSTEM_PROMPT,    # the system message that opens every conversation, as in SFT ("" = none)
@@ -44,28 +46,21 @@ DIM, NORMAL = "\033[2m", "\033[0m"
 # loading
 
 def load(cfg):
-    """(model, tokenizer) on the chosen device and dtype, ready to generate."""
+    """(generation engine, tokenizer) on the chosen device and dtype, ready to generate."""
     init_from = cfg.init_from
     looks_local = init_from == DEFAULTS["init_from"] or os.path.isdir(os.path.dirname(init_from) or ".")
     if not os.path.exists(init_from) and looks_local:  # else it may be a hub id such as SmallDoge/Doge-20M
         raise FileNotFoundError(f"no checkpoint at {init_from}: train one first (python train_pt.py) or pass "
                                 "--init_from=<out dir | ckpt file | Hugging Face dir | hub id>")
     device = common.setup_distributed(cfg.device).device
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    model, tok, _ = common.load_model(init_from, device)
+    dtype, why = common.resolve_dtype(cfg.dtype, device)
+    print(f"{init_from} on {device} | {why}", file=sys.stderr)
+    model, tok, _ = ckpt.load_model(init_from, device)
     model = model.to(getattr(torch, dtype)).eval()  # weights in dtype: inference needs no fp32 master copy
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{init_from}: its tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: the checkpoint's tokenizer is not the model's")
-    if cfg.compile:
-        # decode steps grow the KV cache by one position each: dynamic shapes avoid a recompile per step
-        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
-        model.decode_step = torch.compile(model.decode_step, dynamic=True)
-    return model, tok
+    return Engine(model, compile=cfg.compile), tok
 
 
 def read_prompt(cfg):
@@ -86,11 +81,11 @@ def read_prompt(cfg):
 # -----------------------------------------------------------------------------
 # generation, streamed
 
-def stream_tokens(model, prompt_ids, cfg, max_new_tokens, stop_ids=None, vocab_size=None):
+def stream_tokens(engine, prompt_ids, cfg, max_new_tokens, stop_ids=None, vocab_size=None):
     """Yield the new token ids one by one (batch 1); stops after a token of stop_ids (which is yielded). Only ids
     below vocab_size (the tokenizer's) are sampled."""
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(model.parameters()).device)
-    for next_ids in model.generate_stream(idx, max_new_tokens, temperature=cfg.temperature,
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=next(engine.model.parameters()).device)
+    for next_ids in engine.generate_stream(idx, max_new_tokens, temperature=cfg.temperature,
                                           top_k=cfg.top_k or None, top_p=cfg.top_p, eos_token_id=stop_ids,
                                           repetition_penalty=cfg.repetition_penalty, vocab_size=vocab_size):
         yield next_ids.item()
@@ -112,20 +107,20 @@ def stream_text(tok, token_ids):
         ids, shown = ([], "") if text.endswith("\n") else (ids, text)
 
 
-def complete(model, tok, prompt, cfg, out=None):
+def complete(engine, tok, prompt, cfg, out=None):
     """Continue prompt num_samples times, printing each completion as it is made; returns the texts."""
     out = out or sys.stdout
     prompt_ids = tok.encode(prompt)
-    room = model.config.max_position_embeddings - len(prompt_ids)
+    room = engine.model.config.max_position_embeddings - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room is left in the model's "
-                         f"{model.config.max_position_embeddings}-token context: shorten it")
+                         f"{engine.model.config.max_position_embeddings}-token context: shorten it")
     completions = []
     for _ in range(cfg.num_samples):
         out.write(prompt)
         out.flush()
         pieces, start, first_token_seconds = [], time.perf_counter(), 0.0
-        tokens = stream_tokens(model, prompt_ids, cfg, min(cfg.max_new_tokens, room), [tok.eos_id], tok.vocab_size)
+        tokens = stream_tokens(engine, prompt_ids, cfg, min(cfg.max_new_tokens, room), [tok.eos_id], tok.vocab_size)
         for token, piece in stream_text(tok, tokens):
             first_token_seconds = first_token_seconds or time.perf_counter() - start
             if token == tok.eos_id:  # the end of a document
@@ -145,20 +140,20 @@ def complete(model, tok, prompt, cfg, out=None):
 # -----------------------------------------------------------------------------
 # chat
 
-def answer(model, tok, cfg, messages, out):
+def answer(engine, tok, cfg, messages, out):
     """Generate the assistant's reply to messages, printing it as it is made; returns its text (without the
     end-of-turn token). Ctrl-C ends the reply early; what was said so far is kept."""
     end_of_turn = tok.special_id("<|im_end|>")
     think_open, think_close = tok.special_id("<think>"), tok.special_id("</think>")
     prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True)  # the same renderer as SFT
-    room = model.config.max_position_embeddings - len(prompt_ids)
+    room = engine.model.config.max_position_embeddings - len(prompt_ids)
     if room < 1:
-        out.write("(the conversation fills the model's context: /reset to start over)\n")
+        out.write("(the conversation fills the engine's context: /reset to start over)\n")
         return None
     dim = out.isatty()
     reply, thinking = [], False
     try:
-        tokens = stream_tokens(model, prompt_ids, cfg, min(cfg.max_new_tokens, room), [end_of_turn, tok.eos_id],
+        tokens = stream_tokens(engine, prompt_ids, cfg, min(cfg.max_new_tokens, room), [end_of_turn, tok.eos_id],
                                tok.vocab_size)
         for token, piece in stream_text(tok, tokens):
             if token in (end_of_turn, tok.eos_id):
@@ -181,7 +176,7 @@ def answer(model, tok, cfg, messages, out):
     return "".join(reply)
 
 
-def chat(model, tok, cfg, read_line=input, out=None):
+def chat(engine, tok, cfg, read_line=input, out=None):
     """The multi-turn loop: a line of user text per turn; /reset forgets the conversation, /exit or EOF quits."""
     out = out or sys.stdout
     opening = [dict(role="system", content=cfg.system)] if cfg.system else []
@@ -205,7 +200,7 @@ def chat(model, tok, cfg, read_line=input, out=None):
             continue
         if not text:
             continue
-        reply = answer(model, tok, cfg, messages + [dict(role="user", content=line)], out)
+        reply = answer(engine, tok, cfg, messages + [dict(role="user", content=line)], out)
         if reply is not None:
             messages += [dict(role="user", content=line), dict(role="assistant", content=reply)]
 
@@ -213,16 +208,16 @@ def chat(model, tok, cfg, read_line=input, out=None):
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
     prompt = None if cfg.chat else read_prompt(cfg)  # a bad prompt fails before the model loads
-    model, tok = load(cfg)
+    engine, tok = load(cfg)
     torch.manual_seed(cfg.seed)
     if cfg.chat:
         try:
             import readline  # noqa: F401 -- importing it gives input() line editing and history
         except ImportError:  # Windows
             pass
-        chat(model, tok, cfg)
+        chat(engine, tok, cfg)
     else:
-        complete(model, tok, prompt, cfg)
+        complete(engine, tok, prompt, cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Direct Preference Optimization (Rafailov et al. 2023), written out by hand.
 The policy starts as the SFT model; a frozen copy of it is the reference. For each pair (prompt, chosen,
 rejected) the loss pushes the policy's log-prob of the chosen reply up and the rejected one down, relative to
 the reference (eq. 7). A reply's log-prob is the sum of its tokens' log-probs, prompt and padding excluded.
-The loop is train_pt.train, the batching train_sft's: a batch holds chosen rows then rejected rows, padded.
+The loop is training.train, the batching post_training's (as SFT's): a batch holds chosen rows then rejected rows, padded.
 """
 import os
 import copy
@@ -20,9 +20,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
-from train_pt import setup_training, train
-from train_sft import (step_indices, micro_batch, get_examples, pad_examples, target_counts, check_data,
-                       steps_per_run, examples_per_micro_step, load_policy)
+import checkpoint as ckpt
+from training import setup_training, train
+from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, check_data,
+                           steps_per_run, examples_per_micro_step, load_policy, token_logprobs)
 
 DEFAULTS = dict(
     # I/O
@@ -41,7 +42,7 @@ DEFAULTS = dict(
     epochs=2.0, max_steps=-1, learning_rate=8e-5, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
     min_lr_rate=0.0, decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
-    seed=1337, device="auto", dtype="bfloat16", compile=False, backend="ddp", zero_stage=2,
+    seed=1337, device="auto", dtype="auto", compile=False, backend="ddp", zero_stage=2,
 )
 
 # -----------------------------------------------------------------------------
@@ -51,7 +52,7 @@ def sequence_logprobs(logits, labels, mask):
     """Per sequence, the sum over positions t with mask[t] = 1 of log p(labels[t] | labels[:t]), in float32.
     logits [B, T, V] come from the model fed labels [B, T]; logits[t-1] predicts labels[t], so mask and
     labels are shifted by one against the logits, and position 0 is never scored."""
-    token_logps = common.token_logprobs(logits[:, :-1], labels[:, 1:])
+    token_logps = token_logprobs(logits[:, :-1], labels[:, 1:])
     return (token_logps * mask[:, 1:]).sum(-1)
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
@@ -137,7 +138,7 @@ def main(argv=None):
     if checkpoint is not None and not cfg.ref_from:
         cfg.ref_from = checkpoint["config"]["ref_from"]
     if cfg.ref_from and cfg.ref_from != cfg.init_from:
-        reference = common.load_model(cfg.ref_from, run.device)[0]
+        reference = ckpt.load_model(cfg.ref_from, run.device)[0]
     else:
         cfg.ref_from, reference = cfg.init_from, copy.deepcopy(model)
     reference.eval().requires_grad_(False)

@@ -26,9 +26,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
-from tokenizer import render_chat, extract_answer, normalize_answer
+import checkpoint as ckpt
+from engine import Engine
 from model import left_pad
-from train_pt import (setup_training, make_optimizer, training_state, save_training_state, stop_requests,
+from post_training import token_logprobs, evaluate_accuracy
+from tokenizer import render_chat, extract_answer, normalize_answer
+from training import (setup_training, make_optimizer, training_state, save_training_state, stop_requests,
                       check_finite, log, truncate_log, export)
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
@@ -54,7 +57,7 @@ DEFAULTS = dict(
     max_steps=200, learning_rate=1e-6, schedule="wsd", warmup_ratio=0.0, decay_ratio=0.0, min_lr_rate=0.0,
     decay_shape="linear", weight_decay=0.0, beta1=0.9, beta2=0.99, grad_clip=1.0,
     # system
-    seed=1337, device="auto", dtype="bfloat16",
+    seed=1337, device="auto", dtype="auto",
 )
 
 # -----------------------------------------------------------------------------
@@ -181,7 +184,7 @@ def rollout(model, prompts, num_generations, max_completion_length, temperature,
     device = next(model.parameters()).device
     pad_id = stop_ids[0]  # any id of the vocabulary: pads are masked
     idx, attention_mask = left_pad([p for p in prompts for _ in range(num_generations)], pad_id, device)
-    out = model.generate(idx, max_completion_length, temperature=temperature, eos_token_id=stop_ids,
+    out = Engine(model).generate(idx, max_completion_length, temperature=temperature, eos_token_id=stop_ids,
                          attention_mask=attention_mask, vocab_size=vocab_size)
     return list(out[:, idx.size(1):].split(num_generations))
 
@@ -205,7 +208,7 @@ def pad_sequences(prompts, completions, masks, pad_id, device):
 def completion_logps(model, ids):
     """log pi(x_t | x_<t) for every label position t >= 1 of ids [N, L] -> [N, L-1], float32."""
     logits, _ = model(ids[:, :-1])
-    return common.token_logprobs(logits, ids[:, 1:])
+    return token_logprobs(logits, ids[:, 1:])
 
 # -----------------------------------------------------------------------------
 
@@ -247,7 +250,7 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
     come from a fixed seed (the same draws at every evaluation), without disturbing the training RNG."""
     model.eval()
     with run.autocast():
-        accuracy, _ = common.evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
+        accuracy, _ = evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             groups = rollout(model, prompts, cfg.eval_generations, cfg.max_completion_length, cfg.temperature,
@@ -266,9 +269,9 @@ def main(argv=None):
     train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")
     test_examples = load_prompts(cfg.data_dir, "test.jsonl")[:cfg.eval_prompts]
     resuming = cfg.init_from == "resume"
-    if resuming and not common.checkpoint_paths(cfg.out_dir):
+    if resuming and not ckpt.checkpoint_paths(cfg.out_dir):
         raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
-    model, tok, checkpoint = common.load_model(cfg.out_dir if resuming else cfg.init_from, run.device)
+    model, tok, checkpoint = ckpt.load_model(cfg.out_dir if resuming else cfg.init_from, run.device)
     if resuming and checkpoint.get("stage") != "grpo":
         raise ValueError(f"{cfg.out_dir} holds a {checkpoint.get('stage')} checkpoint, not a GRPO one: "
                          "pass it as init_from to start GRPO from it")
@@ -276,14 +279,14 @@ def main(argv=None):
     start_from = checkpoint["start_from"] if resuming else cfg.init_from
     reference = None
     if cfg.beta != 0.0:
-        reference = common.load_model(start_from, run.device)[0] if resuming else copy.deepcopy(model)
+        reference = ckpt.load_model(start_from, run.device)[0] if resuming else copy.deepcopy(model)
         reference.requires_grad_(False).eval()
     stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
     test_prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in test_examples]
     optimizer, start_step = make_optimizer(cfg, run, model, checkpoint if resuming else None)
-    ddp_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None) \
-        if run.world_size > 1 else model
-    scaler = torch.amp.GradScaler(enabled=run.dtype == "float16")
+    ddp_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None,
+                    broadcast_buffers=False) if run.world_size > 1 else model
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == "float16")
     prompts_per_rank = cfg.prompts_per_step // run.world_size
     completions_per_rank = prompts_per_rank * cfg.num_generations
     if run.master:

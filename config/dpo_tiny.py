@@ -19,4 +19,3 @@ eval_interval = 50
 eval_examples = 100
 log_interval = 10
 ckpt_interval = 1000
-dtype = "bfloat16"

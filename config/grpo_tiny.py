@@ -1,5 +1,5 @@
-# GRPO for the offline quickstart: the tiny model after SFT and DPO, on the built-in arithmetic prompts, ~4 minutes
-# on a 2-core CPU (~5 s a step). Rewards: answer accuracy, the <think>/<answer> format, and partial credit per
+# GRPO for the offline quickstart: the tiny model after SFT and DPO, on the built-in arithmetic prompts, a few minutes
+# on a laptop CPU (README: times per CPU kind). Rewards: answer accuracy, the <think>/<answer> format, and partial credit per
 # digit (a dense signal while whole answers are still rare). The held-out numbers, logged at step 0 and at the end:
 # greedy answer accuracy and the mean reward of sampled completions (what GRPO maximises).
 # Usage: python train_grpo.py config/grpo_tiny.py
@@ -22,4 +22,3 @@ eval_generations = 4
 log_interval = 5
 ckpt_interval = 1000
 
-dtype = "float32"  # bf16 only pays off on CPUs with AMX / AVX-512 bf16

@@ -1,6 +1,6 @@
 # The offline quickstart's instruction tuning: the tiny pre-trained model (config/doge_tiny.py) learns the
-# arithmetic curriculum's worked solutions, <think>column by column</think><answer>n</answer>, in about 5 minutes
-# on a 2-core CPU. Loss only on what the assistant says; the number is greedy answer accuracy on test.jsonl.
+# arithmetic curriculum's worked solutions, <think>column by column</think><answer>n</answer>, in minutes on a
+# laptop CPU (README: times per CPU kind). Loss only on what the assistant says; the number is greedy answer accuracy on test.jsonl.
 # Usage: python train_sft.py config/sft_tiny.py
 
 init_from = "out/pt"
@@ -14,8 +14,7 @@ max_steps = 700  # 11,200 conversations, a little over two epochs
 learning_rate = 4e-3
 warmup_ratio = 0.02
 decay_ratio = 0.4  # the answers sharpen most while the learning rate decays
-eval_interval = 1000  # accuracy before and after only (200 greedy answers take ~8 s)
+eval_interval = 1000  # accuracy before and after only
 eval_examples = 200
 log_interval = 25
 ckpt_interval = 1000
-dtype = "bfloat16"

@@ -9,6 +9,7 @@ import subprocess
 import pytest
 import torch
 
+import checkpoint as ckpt
 import common
 import train_grpo
 import train_sft
@@ -147,7 +148,7 @@ def sft_model(tmp_path_factory, tiny_data):
     torch.manual_seed(0)
     model = Doge(DogeConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256))
-    common.save_checkpoint(str(root / "init"), 0, dict(model=model.state_dict(), model_config=vars(model.config),
+    ckpt.save_checkpoint(str(root / "init"), 0, dict(model=model.state_dict(), model_config=vars(model.config),
                                                        tokenizer=tok.state(), stage="pt"))
     train_sft.main([f"--data_dir={data_dir}", f"--init_from={root / 'init'}", f"--out_dir={root / 'sft'}",
                     "--max_steps=100", "--batch_size=16", "--batch_examples=16", "--seq_len=256",
@@ -183,10 +184,10 @@ def test_resume_is_exact(sft_model, tmp_path):
     train_grpo.main(args + [f"--init_from={root / 'sft'}", f"--out_dir={tmp_path / 'a'}", "--max_steps=4"])
     train_grpo.main(args + [f"--init_from={root / 'sft'}", f"--out_dir={tmp_path / 'b'}", "--max_steps=4",
                             "--ckpt_interval=2"])
-    os.remove(common.checkpoint_paths(str(tmp_path / "b"))[-1])  # as if stopped after step 2
+    os.remove(ckpt.checkpoint_paths(str(tmp_path / "b"))[-1])  # as if stopped after step 2
     train_grpo.main(args + ["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_steps=4"])
-    a = common.load_checkpoint(str(tmp_path / "a"))["model"]
-    b = common.load_checkpoint(str(tmp_path / "b"))["model"]
+    a = ckpt.load_checkpoint(str(tmp_path / "a"))["model"]
+    b = ckpt.load_checkpoint(str(tmp_path / "b"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # with num_iterations = 2 the second pass sees ratios != 1; beta > 0 gives a KL to the reference
     steps = [r for r in log_records(tmp_path / "a") if "loss" in r]
@@ -224,4 +225,4 @@ def test_offline_chain_runs_end_to_end(tmp_path):
                  "== after DPO (step 1): val_rewards/accuracies", "== after DPO (step 0): accuracy",
                  "== after GRPO (step 2): accuracy", "== the chain in"):
         assert line in result.stdout, line
-    assert common.checkpoint_paths(str(tmp_path / "out" / "grpo"))
+    assert ckpt.checkpoint_paths(str(tmp_path / "out" / "grpo"))

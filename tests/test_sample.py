@@ -9,8 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint as ckpt
 import common
 import sample
+from engine import Engine
 import tokenizer as tk
 from model import Doge, DogeConfig, apply_repetition_penalty, sample_next_token
 
@@ -34,7 +36,7 @@ def model(tok):
 def ckpt_dir(tmp_path_factory, model, tok):
     """An out dir holding one checkpoint as the training loop writes it."""
     out_dir = tmp_path_factory.mktemp("out")
-    common.save_checkpoint(str(out_dir), 10, dict(model=model.state_dict(), model_config=vars(model.config),
+    ckpt.save_checkpoint(str(out_dir), 10, dict(model=model.state_dict(), model_config=vars(model.config),
                                                   step=10, tokenizer=tok.state(), stage="pt"))
     return str(out_dir)
 
@@ -56,7 +58,7 @@ def greedy_by_hand(model, ids, n, penalty=1.0):
 
 
 def fake_stream(tokens):
-    """A stand-in for model.generate_stream that yields the given tokens."""
+    """A stand-in for Engine.generate_stream that yields the given tokens."""
     def generate_stream(idx, *args, **kwargs):
         for t in tokens:
             if isinstance(t, BaseException):
@@ -99,7 +101,7 @@ def test_temperature_zero_is_greedy(model, tok):
     expected = greedy_by_hand(model, prompt, 12)[len(prompt):]
     for top_k, top_p in [(200, 1.0), (2, 0.1)]:  # at temperature 0 the filters do not matter
         cfg = settings(temperature=0.0, top_k=top_k, top_p=top_p)
-        assert list(sample.stream_tokens(model, prompt, cfg, 12)) == expected
+        assert list(sample.stream_tokens(Engine(model), prompt, cfg, 12)) == expected
 
 
 def kept_tokens(probs, n=20_000, **kwargs):
@@ -142,7 +144,7 @@ def test_repetition_penalty_formula(model, tok):
     prompt = tok.encode("aaaa")  # without the penalty this model repeats one token forever
     expected = greedy_by_hand(model, prompt, 16, penalty=1.8)[len(prompt):]
     cfg = settings(temperature=0.0, repetition_penalty=1.8)
-    assert list(sample.stream_tokens(model, prompt, cfg, 16)) == expected
+    assert list(sample.stream_tokens(Engine(model), prompt, cfg, 16)) == expected
     assert expected != greedy_by_hand(model, prompt, 16)[len(prompt):]  # the penalty changed the text
 
 # -----------------------------------------------------------------------------
@@ -157,8 +159,9 @@ def test_stream_text_prints_whole_characters_once(tok):
 
 
 def test_completion_stops_at_end_of_document(model, tok, monkeypatch, capsys):
-    monkeypatch.setattr(model, "generate_stream", fake_stream(tok.encode("All's well") + [tok.eos_id]))
-    texts = sample.complete(model, tok, "Prologue. ", settings(num_samples=1))
+    engine = Engine(model)
+    monkeypatch.setattr(engine, "generate_stream", fake_stream(tok.encode("All's well") + [tok.eos_id]))
+    texts = sample.complete(engine, tok, "Prologue. ", settings(num_samples=1))
     assert texts == ["All's well"]
     assert capsys.readouterr().out == "Prologue. All's well\n---------------\n"
 
@@ -167,13 +170,14 @@ def test_completion_stops_at_end_of_document(model, tok, monkeypatch, capsys):
 
 def test_chat_renders_the_sft_tokens(model, tok, monkeypatch):
     prompts = []
-    generate_stream = model.generate_stream
+    engine = Engine(model)
+    generate_stream = engine.generate_stream
     def recording_stream(idx, *args, **kwargs):
         prompts.append(idx[0].tolist())
         return generate_stream(idx, *args, **kwargs)
-    monkeypatch.setattr(model, "generate_stream", recording_stream)
+    monkeypatch.setattr(engine, "generate_stream", recording_stream)
     cfg = settings(temperature=0.0, max_new_tokens=6)
-    messages = sample.chat(model, tok, cfg, read_line=typed(["What is 12 + 7?", "And 3 * 4?"]), out=io.StringIO())
+    messages = sample.chat(engine, tok, cfg, read_line=typed(["What is 12 + 7?", "And 3 * 4?"]), out=io.StringIO())
     system = dict(role="system", content=tk.SYSTEM_PROMPT)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[:2] == [system, dict(role="user", content="What is 12 + 7?")]
@@ -190,10 +194,11 @@ def test_chat_reset_exit_and_ctrl_c(model, tok, monkeypatch):
     im_end = tok.special_id("<|im_end|>")
     replies = iter([tok.encode("first") + [im_end], tok.encode("partial") + [KeyboardInterrupt()],
                     tok.encode("third") + [im_end]])
-    monkeypatch.setattr(model, "generate_stream", lambda *a, **k: fake_stream(next(replies))(*a, **k))
+    engine = Engine(model)
+    monkeypatch.setattr(engine, "generate_stream", lambda *a, **k: fake_stream(next(replies))(*a, **k))
     lines = iter(["hi", "/reset", "tell me", "more", "/exit", "never read"])
     out = io.StringIO()
-    messages = sample.chat(model, tok, settings(system=""), read_line=lambda _: next(lines), out=out)
+    messages = sample.chat(engine, tok, settings(system=""), read_line=lambda _: next(lines), out=out)
     # /reset dropped the first exchange; Ctrl-C ended the second answer, kept, and the loop went on
     assert messages == [dict(role="user", content="tell me"), dict(role="assistant", content="partial"),
                         dict(role="user", content="more"), dict(role="assistant", content="third")]
@@ -205,9 +210,10 @@ def test_chat_reset_exit_and_ctrl_c(model, tok, monkeypatch):
 @pytest.mark.parametrize("show_think", [True, False])
 def test_think_part_is_dimmed_or_hidden(model, tok, monkeypatch, show_think):
     reply = "<think>7 + 5 = 12</think><answer>12</answer>"
-    monkeypatch.setattr(model, "generate_stream", fake_stream(tok.encode(reply) + [tok.special_id("<|im_end|>")]))
+    engine = Engine(model)
+    monkeypatch.setattr(engine, "generate_stream", fake_stream(tok.encode(reply) + [tok.special_id("<|im_end|>")]))
     out = Terminal()
-    history = sample.answer(model, tok, settings(show_think=show_think), [dict(role="user", content="7+5?")], out)
+    history = sample.answer(engine, tok, settings(show_think=show_think), [dict(role="user", content="7+5?")], out)
     assert history == reply  # the conversation keeps the whole reply
     if show_think:
         assert out.getvalue() == f"{sample.DIM}<think>7 + 5 = 12</think>{sample.NORMAL}<answer>12</answer>\n"
@@ -260,7 +266,7 @@ def test_missing_checkpoint(tmp_path, monkeypatch):
 
 
 def test_checkpoint_without_tokenizer(tmp_path, model):
-    common.save_checkpoint(str(tmp_path), 1, dict(model=model.state_dict(), model_config=vars(model.config)))
+    ckpt.save_checkpoint(str(tmp_path), 1, dict(model=model.state_dict(), model_config=vars(model.config)))
     assert "tokenizer" in one_line_error(ValueError, [f"--init_from={tmp_path}", "--prompt=hi"])
 
 

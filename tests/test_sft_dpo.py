@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint as ckpt
 import common
+import post_training
 import train_dpo
 import train_grpo
 import train_pt
@@ -114,20 +116,20 @@ def test_sft_batch_right_pads_and_targets_only_masked_tokens():
     x, y = train_sft.sft_batch(data, [1, 0], max_len=4, pad_id=1, device="cpu")
     assert x.tolist() == [[10, 11, 12], [5, 6, 7]]  # truncated to 4, right-padded, shifted
     assert y.tolist() == [[11, 12, -1], [-1, 7, 8]]  # y[t] = x[t+1] where the mask is 1
-    assert train_sft.target_counts(data, 4).tolist() == [2, 2]
+    assert post_training.target_counts(data, 4).tolist() == [2, 2]
 
 
 def test_data_order_is_a_pure_function_of_seed_and_step_and_epochs_reshuffle():
     n, per_step = 10, 4
-    order = np.concatenate([train_sft.step_indices(7, step, per_step, n) for step in range(5)])  # 2 epochs
+    order = np.concatenate([post_training.step_indices(7, step, per_step, n) for step in range(5)])  # 2 epochs
     assert sorted(order[:n]) == sorted(order[n:2 * n]) == list(range(n))  # every example once per epoch
     assert order[:n].tolist() != order[n:2 * n].tolist()  # and a new order each epoch
-    assert train_sft.step_indices(7, 3, per_step, n).tolist() == order[12:16].tolist()
+    assert post_training.step_indices(7, 3, per_step, n).tolist() == order[12:16].tolist()
     # the micro-batches of any number of processes together make the same global batch
-    indices = train_sft.step_indices(7, 1, per_step, n)
+    indices = post_training.step_indices(7, 1, per_step, n)
     for world_size, batch_size in [(1, 4), (2, 2), (2, 1), (4, 1)]:
         accum = per_step // (world_size * batch_size)
-        parts = [train_sft.micro_batch(indices, m, r, world_size, batch_size) for m in range(accum) for r in range(world_size)]
+        parts = [post_training.micro_batch(indices, m, r, world_size, batch_size) for m in range(accum) for r in range(world_size)]
         assert np.concatenate(parts).tolist() == indices.tolist()
 
 # -----------------------------------------------------------------------------
@@ -149,7 +151,7 @@ def test_sft_user_tokens_give_zero_gradient():
     logits.retain_grad()
     loss.backward()
     per_position = logits.grad.abs().sum(-1)
-    _, mask = train_sft.pad_examples(train_sft.get_examples(data, [0, 1], 64), pad_id=1)
+    _, mask = post_training.pad_examples(post_training.get_examples(data, [0, 1], 64), pad_id=1)
     learned = mask[:, 1:] == 1  # position t predicts token t+1
     assert (per_position[~learned] == 0).all() and (per_position[learned] > 0).all()
     # and changing what the user said as a *target* changes nothing: only the assistant's tokens are labels
@@ -211,8 +213,8 @@ def test_sft_raises_answer_accuracy(pipeline):
     answers = [ex["answer"] for ex in test_examples]
     numbers = {}
     for stage in ("pt", "sft"):
-        model, tok, _ = common.load_model(str(root / stage))
-        accuracy, completions = common.evaluate_accuracy(model, tok, test_examples, 128)
+        model, tok, _ = ckpt.load_model(str(root / stage))
+        accuracy, completions = post_training.evaluate_accuracy(model, tok, test_examples, 128)
         numbers[stage] = accuracy, float(np.mean(train_grpo.digits_reward(completions, answers)))
     print(f"arithmetic answers (exact, digits right): pre-trained {numbers['pt']} -> after SFT {numbers['sft']}")
     assert numbers["sft"][0] >= numbers["pt"][0] and numbers["sft"][1] > numbers["pt"][1] + 0.1
@@ -238,10 +240,10 @@ def test_sft_resume_is_exact(pipeline, tmp_path):
     train_sft.main(args + [f"--init_from={root / 'pt'}", f"--out_dir={tmp_path / 'a'}", "--max_steps=4"])
     train_sft.main(args + [f"--init_from={root / 'pt'}", f"--out_dir={tmp_path / 'b'}", "--max_steps=4",
                            "--ckpt_interval=2"])
-    os.remove(common.checkpoint_paths(str(tmp_path / "b"))[-1])  # as if stopped after step 2
+    os.remove(ckpt.checkpoint_paths(str(tmp_path / "b"))[-1])  # as if stopped after step 2
     train_sft.main(args + ["--init_from=resume", f"--out_dir={tmp_path / 'b'}", "--max_steps=4"])
-    a = common.load_checkpoint(str(tmp_path / "a"))["model"]
-    b = common.load_checkpoint(str(tmp_path / "b"))["model"]
+    a = ckpt.load_checkpoint(str(tmp_path / "a"))["model"]
+    b = ckpt.load_checkpoint(str(tmp_path / "b"))["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -249,7 +251,7 @@ def test_one_line_errors(pipeline, tiny_text):
     root, data_dir = pipeline
     other = train_sentencepiece([tiny_text[:20_000]], 400)
     with pytest.raises(ValueError, match="another tokenizer"):
-        train_sft.check_data(other, None, data_dir, {}, 64)
+        post_training.check_data(other, None, data_dir, {}, 64)
     with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
         train_sft.main([f"--data_dir={data_dir}", f"--init_from={root / 'sft'}", "--seq_len=4096", *SYSTEM])
     with pytest.raises(ValueError, match="loss_type"):

@@ -8,9 +8,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import checkpoint as ckpt
 import common
 import train_pt
+import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
@@ -51,8 +54,8 @@ def test_resume_is_exact(data_dir, tmp_path):
     # the resumed run dropped the log records of the steps it redid: one trajectory, the uninterrupted one's
     assert [r["step"] for r in split] == [r["step"] for r in full] == [0, 1, 2, 3, 4, 5]
     assert [r["loss"] for r in full] == [r["loss"] for r in split]
-    full_weights = common.load_checkpoint(f"{tmp_path}/full")["model"]
-    split_weights = common.load_checkpoint(f"{tmp_path}/split")["model"]
+    full_weights = ckpt.load_checkpoint(f"{tmp_path}/full")["model"]
+    split_weights = ckpt.load_checkpoint(f"{tmp_path}/split")["model"]
     assert all(torch.equal(full_weights[k], split_weights[k]) for k in full_weights)
     assert full[-1]["loss"] < full[0]["loss"]
 
@@ -95,16 +98,16 @@ def test_deepspeed_zero2_matches_ddp_and_resumes_exactly(data_dir, tmp_path):
     for a, b in zip(ddp, ds):
         assert abs(a["loss"] - b["loss"]) < 1e-4
     # the ckpt file holds the full fp32 weights rebuilt from the shards: later stages read it as any other
-    final = common.load_checkpoint(f"{tmp_path}/zero2")["model"]
+    final = ckpt.load_checkpoint(f"{tmp_path}/zero2")["model"]
     assert final["lm_head.weight"].dtype == torch.float32 and not torch.equal(final["lm_head.weight"],
-                                                                               common.load_checkpoint(f"{tmp_path}/zero2/ckpt_0000002.pt")["model"]["lm_head.weight"])
+                                                                               ckpt.load_checkpoint(f"{tmp_path}/zero2/ckpt_0000002.pt")["model"]["lm_head.weight"])
     # as if killed after step 2 (in a copy of the out dir): resuming restores the engine's sharded optimizer
     # from beside the checkpoint and repeats step 3 exactly
     shutil.copytree(f"{tmp_path}/zero2", f"{tmp_path}/resumed")
     os.remove(f"{tmp_path}/resumed/ckpt_0000003.pt")
     torchrun(args + zero2 + [f"--out_dir={tmp_path}/resumed", "--init_from=resume"])
     assert [r["loss"] for r in log_records(f"{tmp_path}/resumed")] == [r["loss"] for r in ds]
-    resumed = common.load_checkpoint(f"{tmp_path}/resumed")["model"]
+    resumed = ckpt.load_checkpoint(f"{tmp_path}/resumed")["model"]
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
 
@@ -142,11 +145,11 @@ def test_sigterm_saves_and_exits_then_resumes(data_dir, tmp_path):
     output = process.stdout.read()
     assert process.wait(timeout=60) == 0, output
     assert "stopped by signal" in output
-    step = common.load_checkpoint(str(tmp_path))["step"]
+    step = ckpt.load_checkpoint(str(tmp_path))["step"]
     assert step >= 4
     train_pt.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--init_from=resume", f"--max_steps={step + 2}",
                    "--eval_interval=100000"] + TINY)
-    assert common.load_checkpoint(str(tmp_path))["step"] == step + 2
+    assert ckpt.load_checkpoint(str(tmp_path))["step"] == step + 2
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
@@ -155,12 +158,12 @@ def test_nan_loss_stops_with_last_good_checkpoint(data_dir, tmp_path):
             "--eval_interval=1000", "--warmup_ratio=0", "--grad_clip=1e30"] + TINY
     with pytest.raises(ValueError, match="stopping; the last good checkpoint"):
         train_pt.main(args + ["--learning_rate=1e30"])
-    checkpoint = common.load_checkpoint(str(tmp_path))
+    checkpoint = ckpt.load_checkpoint(str(tmp_path))
     assert 1 <= checkpoint["step"] < 50
 
 
 def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    common.save_checkpoint(tmp_path, 1, {"step": 1})
+    ckpt.save_checkpoint(tmp_path, 1, {"step": 1})
 
     def dies_halfway(obj, path):
         open(path, "wb").write(b"half a checkpoint")
@@ -168,11 +171,11 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint(tmp_path, 2, {"step": 2})
+        ckpt.save_checkpoint(tmp_path, 2, {"step": 2})
     # a process killed outright leaves its temp file behind: it must never be taken for a checkpoint
     open(tmp_path / "ckpt_0000003.pt.tmp999", "wb").write(b"half")
-    assert common.checkpoint_paths(tmp_path) == [os.path.join(tmp_path, "ckpt_0000001.pt")]
-    assert common.load_checkpoint(str(tmp_path))["step"] == 1
+    assert ckpt.checkpoint_paths(tmp_path) == [os.path.join(tmp_path, "ckpt_0000001.pt")]
+    assert ckpt.load_checkpoint(str(tmp_path))["step"] == 1
 
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "config"))))
@@ -184,4 +187,52 @@ def test_config_files_hold_only_known_keys(name):
     cfg = common.load_config(script.DEFAULTS, [os.path.join(ROOT, "config", name)])
     if script is train_pt:
         for world_size in (1,) if name == "doge_tiny.py" else (1, 8):
-            assert train_pt.grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, world_size) >= 1
+            assert training.grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, world_size) >= 1
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch_with_its_gradient(dtype):
+    """The training loss (training.ChunkedCrossEntropy: chunks of rows, logsumexp kept, softmax - onehot written once) against
+    F.cross_entropy on the float32 logits: value and gradient, ignored targets, rows not a multiple of a chunk."""
+    torch.manual_seed(0)
+    logits = (torch.randn(77, 50) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(50, (77,))
+    targets[::5] = -1
+    ours = training.ChunkedCrossEntropy.apply(logits, targets)
+    (ours_grad,) = torch.autograd.grad(ours * 3, logits)
+    torch_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
+    (torch_grad,) = torch.autograd.grad(torch_loss * 3, logits)
+    assert abs(ours.item() - torch_loss.item()) <= 1e-5
+    assert ours_grad.dtype == dtype and (ours_grad.float() - torch_grad.float()).abs().max() <= 1e-6
+    assert ours_grad[::5].abs().max() == 0  # ignored rows get no gradient
+
+def test_no_sync_engages_under_compile_and_ddp(monkeypatch):
+    """With compile and DDP the outer module is the DDP instance (compiled first, then wrapped), so the loop's
+    no_sync() skips the gradient all-reduce of every micro-step but the last: counted here with a comm hook."""
+    import torch.distributed as dist
+    from types import SimpleNamespace
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from model import Doge, DogeConfig
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541", RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo")
+    try:
+        raw = Doge(DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1))
+        model = training.wrap_model(SimpleNamespace(compile=True), SimpleNamespace(world_size=2, device=torch.device("cpu"),
+                                                                                  local_rank=0), raw)
+        assert isinstance(model, DDP) and not model.broadcast_buffers
+        all_reduces = []
+        def counting_hook(state, bucket):
+            all_reduces.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+        model.register_comm_hook(None, counting_hook)
+        idx = torch.randint(97, (2, 9))
+        with model.no_sync():  # micro-step 1 of 2
+            model(idx[:, :-1], idx[:, 1:])[1].backward()
+        assert all_reduces == []
+        model(idx[:, :-1], idx[:, 1:])[1].backward()  # the last micro-step
+        assert all_reduces
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,130 @@
+"""
+What the post-training stages share. Chat batches (SFT and DPO): the examples of a step as a pure function of
+(seed, step), right-padded micro-batches of ragged token arrays, the data checks and the step count. Token
+log-probs (DPO and GRPO), the policy a run starts from, and the held-out answer accuracy (SFT and GRPO).
+"""
+import functools
+
+import numpy as np
+import torch
+
+import checkpoint as ckpt
+from engine import Engine
+from model import left_pad
+from tokenizer import load_tokenizer, render_chat, extract_answer, normalize_answer
+
+# -----------------------------------------------------------------------------
+# chat batches: ragged examples -> padded micro-batches
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed, epoch, n):
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+def step_indices(seed, step, examples_per_step, n):
+    """The examples of one optimizer step, across all processes and micro-steps: a pure function of
+    (seed, step), so a resumed run (on any number of processes) sees what the uninterrupted one would.
+    Epochs are reshuffles: example position p is epoch p // n, slot p % n of that epoch's permutation."""
+    positions = step * examples_per_step + np.arange(examples_per_step)
+    epochs, slots = np.divmod(positions, n)
+    return np.array([epoch_order(seed, int(e), n)[s] for e, s in zip(epochs, slots)], dtype=np.int64)
+
+def micro_batch(indices, micro_step, rank, world_size, batch_size):
+    """This process's share of a step's examples for one micro-step."""
+    first = (micro_step * world_size + rank) * batch_size
+    return indices[first:first + batch_size]
+
+def get_examples(ragged, indices, max_len):
+    """(ids, mask) numpy pairs of the examples, each truncated to its first max_len tokens."""
+    tokens, mask, offsets = ragged
+    return [(tokens[offsets[i]:offsets[i + 1]][:max_len], mask[offsets[i]:offsets[i + 1]][:max_len])
+            for i in indices]
+
+def pad_examples(examples, pad_id):
+    """ids and mask LongTensors [B, T], right-padded to the longest example; the mask is 0 on pads."""
+    length = max(len(ids) for ids, _ in examples)
+    ids = np.full((len(examples), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(examples), length), dtype=np.int64)
+    for row, (example_ids, example_mask) in enumerate(examples):
+        ids[row, :len(example_ids)] = example_ids
+        mask[row, :len(example_mask)] = example_mask
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+def target_counts(ragged, max_len):
+    """Per example, how many loss tokens it has after truncation to max_len (position 0 is never a target)."""
+    _, mask, offsets = ragged
+    ends = np.minimum(offsets[1:], offsets[:-1] + max_len)
+    return np.array([int(mask[start + 1:end].sum()) for start, end in zip(offsets[:-1], ends)], dtype=np.int64)
+
+def check_data(tok, model, data_dir, ragged_sets, seq_len):
+    """One-line errors for data that cannot train this model (another tokenizer, ids beyond its vocabulary)."""
+    data_tok = load_tokenizer(data_dir)
+    probe = "<think>12+9=21</think><answer>21</answer> Hello, world!"
+    if (data_tok.vocab_size, data_tok.special_ids, data_tok.encode(probe)) != \
+            (tok.vocab_size, tok.special_ids, tok.encode(probe)):
+        raise ValueError(f"{data_dir} was tokenized with another tokenizer than the model's: re-run prepare_data.py "
+                         f"with --tokenizer=<the pre-training data dir> and --out_dir=<somewhere new>")
+    for name, (tokens, _, _) in ragged_sets.items():
+        if len(tokens) and int(tokens.max()) >= model.config.vocab_size:
+            raise ValueError(f"{data_dir}/{name} holds token id {int(tokens.max())} but the model's vocabulary "
+                             f"has {model.config.vocab_size}: the data does not belong to this model")
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
+                         f"{model.config.max_position_embeddings}: lower seq_len")
+
+def steps_per_run(cfg, n_examples, examples_per_step):
+    """max_steps, or enough steps for `epochs` passes over n_examples."""
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    if cfg.epochs <= 0:
+        raise ValueError(f"epochs={cfg.epochs}: set epochs > 0 or max_steps > 0")
+    return max(1, round(cfg.epochs * n_examples / examples_per_step))
+
+def examples_per_micro_step(cfg, world_size):
+    """(examples per optimizer step, gradient accumulation steps), from the global batch in examples."""
+    per_pass = cfg.batch_size * world_size
+    if cfg.batch_examples % per_pass:
+        raise ValueError(f"batch_examples={cfg.batch_examples} is not a multiple of batch_size x processes = "
+                         f"{per_pass}: change one of them")
+    return cfg.batch_examples, cfg.batch_examples // per_pass
+
+def load_policy(cfg, device):
+    """(model, tokenizer, checkpoint to resume or None): init_from=resume continues this run from out_dir;
+    anything else starts a new run (step 0, fresh optimizer) from the weights it names."""
+    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
+    if cfg.init_from == "resume" and not ckpt.checkpoint_paths(cfg.out_dir):
+        raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
+    model, tok, checkpoint = ckpt.load_model(source, device)
+    return model, tok, checkpoint if cfg.init_from == "resume" else None
+
+# -----------------------------------------------------------------------------
+# log-probs and answer accuracy
+
+def token_logprobs(logits, labels):
+    """log p(labels[t] | logits[t]) per position, in float32; labels of -1 give 0 (mask them out anyway)."""
+    logits = logits.float()
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(logits, dim=-1)) * (labels >= 0)
+
+@torch.no_grad()
+def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
+    """Greedy answers to chat prompts, scored by exact match of the <answer> content with example["answer"].
+    Prompts go in left-padded batches of similar length. Returns (accuracy, completions)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
+    prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    completions = [None] * len(examples)
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start:start + batch_size]
+        idx, attention_mask = left_pad([prompts[i] for i in chunk], tok.eos_id, device)
+        out = Engine(model).generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids,
+                             attention_mask=attention_mask, vocab_size=tok.vocab_size)
+        for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
+            row = row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))]
+            completions[i] = tok.decode(row)
+    model.train(was_training)
+    correct = sum(extract_answer(c) == normalize_answer(str(ex["answer"]))
+                  for c, ex in zip(completions, examples))
+    return correct / max(1, len(examples)), completions
