@@ -10,17 +10,17 @@ num_attention_heads = 2
 num_key_value_heads = 1
 tie_word_embeddings = True
 
-# --- training: 320 steps of 4,096 tokens (1.3M tokens, about one pass over Shakespeare) ---
+# --- training: 256 steps of 4,096 tokens (1.05M tokens, 0.7 of a pass over Shakespeare) ---
 data_dir = "data/shakespeare"
 out_dir = "out/pt"
 seq_len = 256
 batch_size = 16
 batch_tokens = 4096
-max_steps = 320
+max_steps = 256
 learning_rate = 4e-3
 warmup_ratio = 0.05
 decay_ratio = 0.3  # a short run gains from a longer decay
-eval_interval = 80
+eval_interval = 64
 eval_batches = 10
 log_interval = 20
-ckpt_interval = 80
+ckpt_interval = 64

@@ -236,3 +236,22 @@ def test_no_sync_engages_under_compile_and_ddp(monkeypatch):
         assert all_reduces
     finally:
         dist.destroy_process_group()
+
+def test_dtype_auto_is_native_per_device(monkeypatch):
+    """auto: bf16 only where the CPU computes it (AVX-512 BF16, AMX), float32 on others; an explicit bfloat16
+    on a CPU that would emulate it is kept, with a one-line warning. Every script defaults to auto."""
+    import importlib
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
+    assert common.resolve_dtype("auto", cpu)[0] == "float32"
+    dtype, line = common.resolve_dtype("bfloat16", cpu)
+    assert dtype == "bfloat16" and line.startswith("warning:") and "emulated" in line and "\n" not in line
+    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
+    assert common.resolve_dtype("auto", cpu) == ("bfloat16", "dtype auto: bfloat16 (this CPU has bf16 instructions "
+                                                              "(AVX-512 BF16 or AMX))")
+    with pytest.raises(ValueError, match="dtype must be"):
+        common.resolve_dtype("fp8", cpu)
+    for script in ("train_pt", "train_sft", "train_dpo", "train_grpo", "sample"):
+        assert importlib.import_module(script).DEFAULTS["dtype"] == "auto", script
+    for name in os.listdir(os.path.join(ROOT, "config")):
+        assert "\ndtype" not in "\n" + open(os.path.join(ROOT, "config", name)).read(), name  # auto, not fixed
