@@ -28,7 +28,7 @@ DEFAULTS = dict(
     batch_size=8, seq_len=512, warmup_steps=1, timed_steps=5, dtypes="float32,bfloat16", compile=False,
     # generation: greedy batch 1; GRPO-style rollouts (sampled, rollout_batch rows); the cost of a decode step
     # early and late in a long completion (constant with the KV cache, up to keep_window_size)
-    new_tokens=128, prompt_len=16, ttft_prompt_len=512, rollout_batch=64, rollout_tokens=96, long_tokens=1024,
+    new_tokens=128, prompt_len=16, ttft_prompt_len=512, generation_rounds=3, rollout_batch=64, rollout_tokens=96, long_tokens=1024,
     # tokenizer encoding throughput on the Shakespeare corpus (prepare_data.py's default)
     encode=True,
     # system
@@ -79,15 +79,21 @@ def time_call(fn, device):
     common.synchronize(device)
     return time.perf_counter() - start
 
-def time_generation(generate, cfg, device):
-    """(greedy tokens/s for new_tokens after a prompt_len prompt, seconds to the first token after a
-    ttft_prompt_len prompt), batch 1, each the best of two runs."""
+def time_generation(generators, cfg, device):
+    """For each generate(prompt, n) function: (greedy tokens/s for new_tokens after a prompt_len prompt, seconds
+    to the first token after a ttft_prompt_len prompt), batch 1. The functions take turns for
+    generation_rounds rounds, so each meets the same machine, and each keeps its best round (noise only slows)."""
     prompt = torch.randint(cfg.vocab_size, (1, cfg.prompt_len), device=device)
     long_prompt = torch.randint(cfg.vocab_size, (1, cfg.ttft_prompt_len), device=device)
-    generate(prompt, 4)  # warm up
-    seconds = min(time_call(lambda: generate(prompt, cfg.new_tokens), device) for _ in range(2))
-    ttft = min(time_call(lambda: generate(long_prompt, 1), device) for _ in range(2))
-    return cfg.new_tokens / seconds, ttft
+    for generate in generators:
+        generate(prompt, 4)  # warm up
+    seconds = [[] for _ in generators]
+    ttft = [[] for _ in generators]
+    for _ in range(cfg.generation_rounds):
+        for generate, times, first in zip(generators, seconds, ttft):
+            times.append(time_call(lambda: generate(prompt, cfg.new_tokens), device))
+            first.append(time_call(lambda: generate(long_prompt, 1), device))
+    return [(cfg.new_tokens / min(times), min(first)) for times, first in zip(seconds, ttft)]
 
 def time_decode_steps(engine, cfg, device):
     """Milliseconds per decode step (batch 1, greedy) over the first 128 new tokens and the last 128 of
@@ -169,21 +175,30 @@ def main(argv=None):
 
     model.eval()
     dtypes = sorted({dtype for _, dtype, _ in results}, reverse=True)  # float32 first; those not skipped
-    generation = {}  # (who, dtype, compiled) -> (greedy tokens/s, seconds to the first token)
-    def report_generation(who, dtype, compiled, generate):
-        with common.autocast(device, dtype):
-            generation[(who, dtype, compiled)] = rate, ttft = time_generation(generate, cfg, device)
-        label = f"{who} {dtype}{' compiled' if compiled else ''}"
-        print(f"generate {label:32s} {rate:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
-              f"prompt) {ttft * 1e3:7.1f} ms", flush=True)
     engine = Engine(model)
+    generators = {}  # (who, dtype, compiled) -> generate(prompt, n)
     for dtype in dtypes:
-        report_generation("nanodoge", dtype, False, lambda p, n: engine.generate(p, n, temperature=0.0))
-        report_generation("nanodoge model.generate", dtype, False, lambda p, n: model.generate(p, n, temperature=0.0))
-    if cfg.compile:  # as sample.py --compile does it
-        compiled_engine = Engine(model, compile=True)
-        for dtype in dtypes:
-            report_generation("nanodoge", dtype, True, lambda p, n: compiled_engine.generate(p, n, temperature=0.0))
+        generators[("nanodoge", dtype, False)] = lambda p, n: engine.generate(p, n, temperature=0.0)
+        generators[("nanodoge model.generate", dtype, False)] = lambda p, n: model.generate(p, n, temperature=0.0)
+        if cfg.compile:  # as sample.py --compile does it
+            compiled_engine = Engine(model, compile=True)
+            generators[("nanodoge", dtype, True)] = lambda p, n: compiled_engine.generate(p, n, temperature=0.0)
+        if reference is not None:
+            def reference_generate(prompt, n):
+                with torch.no_grad():
+                    return reference.eval().generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                                     min_new_tokens=n, do_sample=False, pad_token_id=0)
+            generators[("transformers", dtype, False)] = reference_generate
+    generation = {}  # (who, dtype, compiled) -> (greedy tokens/s, seconds to the first token)
+    for dtype in dtypes:
+        keys = [key for key in generators if key[1] == dtype]
+        with common.autocast(device, dtype):
+            generation.update(zip(keys, time_generation([generators[key] for key in keys], cfg, device)))
+        for (who, _, compiled) in keys:
+            rate, ttft = generation[(who, dtype, compiled)]
+            label = f"{who} {dtype}{' compiled' if compiled else ''}"
+            print(f"generate {label:32s} {rate:8.1f} tokens/s   time to first token ({cfg.ttft_prompt_len}-token "
+                  f"prompt) {ttft * 1e3:7.1f} ms", flush=True)
     early_ms, late_ms, recompute_ms = time_decode_steps(engine, cfg, device)
     print(f"decode step (batch 1)  {early_ms:8.2f} ms over new tokens 1-128, {late_ms:.2f} ms over "
           f"{cfg.long_tokens - 127}-{cfg.long_tokens}; without the KV cache a step there would cost {recompute_ms:.0f} ms")
@@ -195,14 +210,6 @@ def main(argv=None):
         for name, rate in time_encoding().items():
             print(f"encode {name:16s} {rate / 1e6:8.2f} M tokens/s (Shakespeare, {torch.get_num_threads()} threads)")
     if reference is not None:
-        reference.eval()
-        def reference_generate(prompt, n):
-            with torch.no_grad():
-                return reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                                          min_new_tokens=n, do_sample=False, pad_token_id=0)
-        for dtype in dtypes:
-            report_generation("transformers", dtype, False, reference_generate)
-
         print("\nratios, nanodoge / transformers (same run):")
         for (who, dtype, compiled), tokens_per_s in results.items():
             if who.startswith("nanodoge"):

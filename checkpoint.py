@@ -46,6 +46,16 @@ def load_checkpoint(path):
     except Exception as e:
         raise ValueError(f"{path} is not a readable nanodoge checkpoint ({type(e).__name__})") from None
 
+def newest_model(root="out"):
+    """The model written last under root, whichever stage wrote it: a run directory (for its newest complete
+    ckpt_*.pt) or an exported Hugging Face directory (config.json + model.safetensors); None if there is none."""
+    found = []  # (time written, directory)
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if re.fullmatch(r"ckpt_\d+\.pt", name) or (name == "model.safetensors" and "config.json" in names):
+                found.append((os.path.getmtime(os.path.join(directory, name)), directory))
+    return max(found)[1] if found else None
+
 def load_model(init_from, device="cpu"):
     """(model, tokenizer, checkpoint) from a nanodoge out dir or ckpt file (checkpoint is its dict), or
     from a Hugging Face-format directory or hub id (checkpoint is None)."""

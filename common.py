@@ -171,6 +171,26 @@ def _set_config(config, defaults, key, value, source):
             raise ValueError(f"{source}: {key} must be {type(default).__name__}, got {value!r}")
     config[key] = value
 
+def config_file(argv=None):
+    """The config file named on a command line (the last one), or None."""
+    argv = sys.argv[1:] if argv is None else argv
+    files = [arg for arg in argv if not arg.startswith("--") and arg.endswith(".py")]
+    return files[-1] if files else None
+
+def require_prepared(data_dir, argv=None, offline_dir=None):
+    """A one-line error, naming the command that makes it, when data_dir holds no prepared data: the command
+    is `python prepare_data.py <the config file>` (which prepares what that config trains on), and the offline
+    default offline_dir is named too when it is another directory."""
+    if os.path.exists(os.path.join(data_dir, "meta.json")):
+        return
+    config = config_file(argv)
+    command = f"python prepare_data.py {config}" if config else "python prepare_data.py"
+    if not config and data_dir != offline_dir:
+        command += f" --out_dir={os.path.dirname(data_dir) or '.'} (with the settings that make {data_dir})"
+    offline = "" if offline_dir in (None, data_dir) else \
+        f", or offline: python prepare_data.py, then --data_dir={offline_dir}"
+    raise FileNotFoundError(f"{data_dir} holds no prepared data: run {command}{offline}")
+
 # -----------------------------------------------------------------------------
 # devices, processes, precision
 

@@ -341,7 +341,6 @@ def next_tokens(logits, seen, finished, eos_ids, temperature, top_k, top_p, repe
     return next_ids[:, None], finished
 
 def left_pad(prompts, pad_id, device="cpu"):
-
     """Token lists of unequal length -> (idx [B, T], attention_mask [B, T]) for generate: each row right-aligned
     behind pad_id tokens (any id in the vocabulary), the mask 0 on those pads."""
     T = max(len(p) for p in prompts)
@@ -404,11 +403,11 @@ class Doge(nn.Module):
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             nn.init.zeros_(module.weight[module.padding_idx])
 
-    def check_input(self, idx, start=0):
+    def check_input(self, idx):
         """One-line errors for what would otherwise fail deep inside (or, on a GPU, asynchronously)."""
         V, T_max = self.config.vocab_size, self.config.max_position_embeddings
-        if start + idx.size(1) > T_max:
-            raise ValueError(f"sequence of {start + idx.size(1)} tokens is longer than max_position_embeddings "
+        if idx.size(1) > T_max:
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than max_position_embeddings "
                              f"{T_max}: shorten it or build the model with a larger max_position_embeddings")
         if idx.numel() and ((idx < 0) | (idx >= V)).any():
             raise ValueError(f"token ids must lie in [0, {V}) (the vocabulary); got min {idx.min().item()}, "

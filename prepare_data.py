@@ -6,6 +6,7 @@ Every stage's data, offline by default, real datasets by name.
     python prepare_data.py --dataset=tinystories --tokenizer=gpt2 --sft=none --dpo=none --grpo=none
     python prepare_data.py --dataset=smollm-mix --tokenizer=SmallDoge/Doge-tokenizer --max_tokens=2_000_000_000
     python prepare_data.py --dataset=none --tokenizer=data/shakespeare --sft=chats.jsonl --dpo=none --grpo=none
+    python prepare_data.py config/doge_20m.py   # what a training config trains on: its `data` settings, its data_dir
 
 Pre-training sets go to <out_dir>/<dataset>/: train.bin and val.bin (uint16 token arrays, documents separated by
 <|endoftext|>, every 20th document held out for val), meta.json and the tokenizer file. Post-training sets go
@@ -17,6 +18,7 @@ import json
 import os
 import random
 import re
+import sys
 import tarfile
 import time
 
@@ -540,7 +542,29 @@ def already_done(data_dir, settings, force):
 
 # -----------------------------------------------------------------------------
 
+def training_config_arguments(path):
+    """prepare_data.py arguments that make what a training config trains on: its `data` dict (settings of this
+    script; these defaults where unset) into the parent directory of its data_dir."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    values = {}
+    exec(compile(open(path).read(), path, "exec"), values)
+    data, data_dir = values.get("data", {}), values.get("data_dir")
+    if not data_dir:
+        raise ValueError(f"{path} names no data_dir: it is not a training config (pass --key=value settings instead)")
+    if not isinstance(data, dict) or set(data) - set(config) - {"out_dir"}:
+        raise ValueError(f"{path}: data must be a dict of prepare_data.py settings ({', '.join(config)})")
+    return [f"--{key}={value}" for key, value in data.items()] + [f"--out_dir={os.path.dirname(data_dir) or '.'}"], \
+        os.path.normpath(data_dir)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    trains_on = None  # the data_dir of a training config given on the command line
+    config_path = common.config_file(argv)
+    if config_path:
+        config_args, trains_on = training_config_arguments(config_path)
+        argv = config_args + [arg for arg in argv if arg != config_path]
     args = common.load_config(config, argv)
     t0 = time.time()
     for flag in ("dataset", "sft", "dpo", "grpo"):
@@ -552,6 +576,9 @@ def main(argv=None):
     post_name = "+".join(dict.fromkeys(os.path.splitext(os.path.basename(s))[0] for s in post_sources))
     pre_dir = pre_name and os.path.join(args.out_dir, pre_name)
     post_dir = post_name and os.path.join(args.out_dir, post_name)
+    if trains_on and trains_on not in (pre_dir and os.path.normpath(pre_dir), post_dir and os.path.normpath(post_dir)):
+        raise ValueError(f"{config_path} trains on {trains_on}, but its data settings make "
+                         f"{' and '.join(d for d in (pre_dir, post_dir) if d)}: make its data_dir and data agree")
     reuse = os.path.isfile(os.path.join(args.tokenizer, "meta.json"))
     train_tokenizer = args.tokenizer == "sentencepiece"
     tokenizer_setting = f"sentencepiece {args.vocab_size}" if train_tokenizer else args.tokenizer

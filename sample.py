@@ -3,7 +3,7 @@ Sample from a trained Doge: stream the continuation of a prompt, or chat turn by
 SFT trained on. Any nanodoge checkpoint (an out dir's newest, or one file) or Hugging Face Doge (a directory or
 a hub id) works; the text is decoded with the tokenizer stored with it.
 
-    python sample.py --prompt="ROMEO:"                          # newest checkpoint of out/pt
+    python sample.py --prompt="ROMEO:"                          # the model trained last (newest under out/)
     python sample.py --init_from=out/pt/ckpt_0001000.pt --start=FILE:prompt.txt --num_samples=3
     python sample.py --init_from=out/grpo --chat                # /reset starts over, /exit (or Ctrl-D) quits
 
@@ -22,7 +22,7 @@ from engine import Engine
 from tokenizer import SYSTEM_PROMPT, render_chat
 
 DEFAULTS = dict(
-    init_from="out/pt",  # out dir (its newest checkpoint) | ckpt file | Hugging Face dir | hub id
+    init_from="",  # out dir (its newest checkpoint) | ckpt file | Hugging Face dir | hub id; "" = what out/ got last
     prompt="",           # the text to continue, or FILE:path to read it from a file
     start="",            # nanoGPT's name for prompt (give one of the two)
     num_samples=1,
@@ -47,14 +47,19 @@ DIM, NORMAL = "\033[2m", "\033[0m"
 
 def load(cfg):
     """(generation engine, tokenizer) on the chosen device and dtype, ready to generate."""
-    init_from = cfg.init_from
-    looks_local = init_from == DEFAULTS["init_from"] or os.path.isdir(os.path.dirname(init_from) or ".")
+    init_from = cfg.init_from or ckpt.newest_model("out")
+    if init_from is None:
+        raise FileNotFoundError("nothing trained under out/ yet: train a model first (offline: python prepare_data.py, "
+                                "then python train_pt.py config/doge_tiny.py) or pass --init_from=<out dir | ckpt "
+                                "file | Hugging Face dir | hub id>")
+    looks_local = os.path.isdir(os.path.dirname(init_from) or ".")
     if not os.path.exists(init_from) and looks_local:  # else it may be a hub id such as SmallDoge/Doge-20M
         raise FileNotFoundError(f"no checkpoint at {init_from}: train one first (python train_pt.py) or pass "
                                 "--init_from=<out dir | ckpt file | Hugging Face dir | hub id>")
     device = common.setup_distributed(cfg.device).device
     dtype, why = common.resolve_dtype(cfg.dtype, device)
-    print(f"{init_from} on {device} | {why}", file=sys.stderr)
+    source = init_from if cfg.init_from else f"{init_from} (the model trained last: the newest under out/)"
+    print(f"sampling {source} on {device} | {why}", file=sys.stderr)
     model, tok, _ = ckpt.load_model(init_from, device)
     model = model.to(getattr(torch, dtype)).eval()  # weights in dtype: inference needs no fp32 master copy
     if tok.vocab_size > model.config.vocab_size:

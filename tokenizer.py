@@ -243,7 +243,8 @@ def hf_tokenizer(path_or_hub_id):
             path = hf_hub_download(path_or_hub_id, "tokenizer.json")
         except Exception as e:  # offline, missing repo, ... all mean the same to the user
             raise ValueError(f"could not fetch tokenizer.json of {path_or_hub_id!r} from the hub "
-                             f"({type(e).__name__}); offline, pass a local tokenizer.json path") from None
+                             f"({type(e).__name__}); offline, pass a local tokenizer.json path, or run the offline "
+                             "quickstart: python prepare_data.py, then python train_pt.py config/doge_tiny.py") from None
     with open(path, encoding="utf-8") as f:
         try:
             return Tokenizer({"kind": "hf", "json": f.read()})

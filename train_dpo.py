@@ -31,6 +31,7 @@ DEFAULTS = dict(
     init_from="out/sft",  # resume | <nanodoge out dir or ckpt file> | <Hugging Face dir or hub id>
     ref_from="",  # the frozen reference; empty = the weights the policy starts from (recorded for resume)
     data_dir="data/arithmetic",  # dpo_{train,val}.{chosen,rejected}.*
+    data={},  # what `python prepare_data.py <config>` prepares into data_dir: prepare_data.py settings (its defaults if unset)
     eval_interval=100, log_interval=10, ckpt_interval=100, keep_last=2,
     eval_examples=200,  # held-out pairs for val loss and preference accuracy
     # DPO: beta scales the implicit reward; label_smoothing > 0 is conservative DPO (the labels may be wrong)
@@ -122,6 +123,7 @@ def main(argv=None):
     if not 0 <= cfg.label_smoothing < 0.5 or cfg.beta <= 0:
         raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got beta={cfg.beta}, "
                          f"label_smoothing={cfg.label_smoothing}")
+    common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
     run = setup_training(cfg)
     sets = {f"dpo_{split}.{side}": common.read_ragged(os.path.join(cfg.data_dir, f"dpo_{split}.{side}"))
             for split in ("train", "val") for side in ("chosen", "rejected")}

@@ -44,6 +44,7 @@ DEFAULTS = dict(
     out_dir="out/grpo",
     init_from="out/sft",  # a nanodoge checkpoint (out dir or ckpt file), a Hugging Face Doge, or resume
     data_dir="data/arithmetic",
+    data={},  # what `python prepare_data.py <config>` prepares into data_dir: prepare_data.py settings (its defaults if unset)
     eval_interval=50, eval_prompts=200, eval_generations=4, log_interval=1, ckpt_interval=50, keep_last=2,
     # rollouts: prompts_per_step prompts (over all processes) x num_generations completions each
     prompts_per_step=8, num_generations=8, temperature=1.0, max_completion_length=96,
@@ -264,6 +265,7 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
+    common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
     run = setup_training(cfg)
     check_config(cfg, run.world_size)
     train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")

@@ -29,6 +29,7 @@ DEFAULTS = dict(
     out_dir="out/pt",
     init_from="scratch",  # scratch | resume | <ckpt file or out dir> | <Hugging Face dir or hub id>
     data_dir="data/shakespeare",
+    data={},  # what `python prepare_data.py <config>` prepares into data_dir: prepare_data.py settings (its defaults if unset)
     eval_interval=200, eval_batches=20, log_interval=10, ckpt_interval=200, keep_last=2,
     # model: DogeConfig fields (vocab_size None = the data's tokenizer's)
     vocab_size=None, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
@@ -84,6 +85,7 @@ def build_model(cfg, tok, checkpoint):
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
     run = setup_training(cfg)
+    common.require_prepared(cfg.data_dir, argv, offline_dir="data/shakespeare")
     tok = load_tokenizer(cfg.data_dir)
     train_data = common.read_array(os.path.join(cfg.data_dir, "train.bin"))
     val_data = common.read_array(os.path.join(cfg.data_dir, "val.bin"))

@@ -28,6 +28,7 @@ DEFAULTS = dict(
     out_dir="out/sft",
     init_from="out/pt",  # resume | <nanodoge out dir or ckpt file> | <Hugging Face dir or hub id>
     data_dir="data/arithmetic",  # sft_train.*, sft_val.* (and test.jsonl for answer accuracy, if there)
+    data={},  # what `python prepare_data.py <config>` prepares into data_dir: prepare_data.py settings (its defaults if unset)
     eval_interval=100, log_interval=10, ckpt_interval=100, keep_last=2,
     eval_examples=200,  # val loss and answer accuracy on (at most) this many held-out examples
     max_new_tokens=128,  # greedy answer length for the accuracy check
@@ -58,6 +59,7 @@ def read_jsonl(path, limit):
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
+    common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
     run = setup_training(cfg)
     train_set = common.read_ragged(os.path.join(cfg.data_dir, "sft_train"))
     val_set = common.read_ragged(os.path.join(cfg.data_dir, "sft_val"))

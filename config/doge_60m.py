@@ -13,7 +13,9 @@ max_position_embeddings = 2048
 keep_window_size = 2048
 
 # --- training recipe (SmallDoge guide: 16B tokens = 16,000 steps of 1M tokens, WSD) ---
-# data: python prepare_data.py --dataset=smollm-mix --tokenizer=SmallDoge/Doge-tokenizer --max_tokens=...
+# data: `python prepare_data.py config/doge_60m.py` streams what `data` says into data_dir (online)
+data = dict(dataset="smollm-mix", tokenizer="SmallDoge/Doge-tokenizer", max_tokens=16_000_000_000,
+            sft="none", dpo="none", grpo="none")
 data_dir = "data/smollm-mix"
 out_dir = "out/doge_60m"
 seq_len = 2048

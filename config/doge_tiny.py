@@ -11,6 +11,9 @@ num_key_value_heads = 1
 tie_word_embeddings = True
 
 # --- training: 256 steps of 4,096 tokens (1.05M tokens, 0.7 of a pass over Shakespeare) ---
+# data: `python prepare_data.py` (or with this config): Shakespeare, and the arithmetic curriculum for the
+# later stages, one sentencepiece tokenizer for both
+data = dict(dataset="shakespeare", tokenizer="sentencepiece", vocab_size=8192)
 data_dir = "data/shakespeare"
 out_dir = "out/pt"
 seq_len = 256

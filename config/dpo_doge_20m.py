@@ -1,10 +1,11 @@
 # Preference alignment of Doge-20M (SmallDoge guide: ultrafeedback_binarized, 2 epochs, lr 8e-5, context 1024,
 # 0.125M-token batches, beta 0.1 as TRL's default).
-# data: python prepare_data.py --dataset=none --tokenizer=data/smollm-mix --sft=none --dpo=ultrafeedback --grpo=none
+# data: python prepare_data.py config/dpo_doge_20m.py (online; the tokenizer of the pre-training data)
 # Usage: torchrun --nproc_per_node=1 train_dpo.py config/dpo_doge_20m.py
 
 init_from = "out/sft_doge_20m"  # the policy starts as the SFT model; a frozen copy is the reference
 out_dir = "out/dpo_doge_20m"
+data = dict(dataset="none", tokenizer="data/smollm-mix", sft="none", dpo="ultrafeedback", grpo="none")
 data_dir = "data/ultrafeedback"
 
 seq_len = 1024

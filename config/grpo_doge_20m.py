@@ -6,6 +6,7 @@
 
 init_from = "out/sft_doge_20m"
 out_dir = "out/grpo_doge_20m"
+data = dict(dataset="none", tokenizer="data/smollm-mix")  # the arithmetic prompts in the model's tokenizer
 data_dir = "data/arithmetic"
 
 # rollouts: 16 prompts x 8 completions = 128 completions per step (TRL's G = 8, temperature 1.0)

@@ -1,9 +1,10 @@
 # Instruction tuning of Doge-20M (SmallDoge guide: smoltalk, 2 epochs, lr 8e-4, context 2048, 0.25M-token batches).
-# data: python prepare_data.py --dataset=none --tokenizer=data/smollm-mix --sft=smoltalk --dpo=none --grpo=none
+# data: python prepare_data.py config/sft_doge_20m.py (online; the tokenizer of the pre-training data)
 # Usage: torchrun --nproc_per_node=1 train_sft.py config/sft_doge_20m.py
 
 init_from = "out/doge_20m"  # the pre-trained model (or a Hugging Face Doge: SmallDoge/Doge-20M)
 out_dir = "out/sft_doge_20m"
+data = dict(dataset="none", tokenizer="data/smollm-mix", sft="smoltalk", dpo="none", grpo="none")
 data_dir = "data/smoltalk"
 
 seq_len = 2048

@@ -13,6 +13,7 @@ import common
 import prepare_data
 import tokenizer as tk
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRICKY = ("  two spaces, a\ttab,\r\nCRLF, trailing spaces   \n\n\nthree newlines, café naïve 中文 🙂 "
           "<|im_start|>user typed this<|im_end|> <|endoftext|> 12345 + 678 = 13023 <think>x</think><answer>7</answer>")
 
@@ -444,3 +445,43 @@ def test_curriculum_files(default_data):
         assert all([m["role"] for m in r["messages"]] == ["system", "user"] and r["answer"].isdigit() for r in rows)
     test_questions = {r["messages"][1]["content"] for r in map(json.loads, open(data / "test.jsonl"))}
     assert not test_questions & sft_questions
+
+
+def test_a_training_config_prepares_what_it_trains_on(tmp_path, corpus, monkeypatch):
+    """python prepare_data.py <training config>: the config's `data` settings, into its data_dir's parent; the
+    training script then finds its data. Here a local file in the hub datasets' schema ("text")."""
+    import train_pt
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": d[:20_000]}) + "\n" for d in corpus))
+    config = tmp_path / "my_run.py"
+    config.write_text('data = dict(dataset="corpus.jsonl", tokenizer="sentencepiece", vocab_size=512, sft="none", '
+                      'dpo="none", grpo="none")\ndata_dir = "prepared/corpus"\nhidden_size = 32\n')
+    tiny = ["--intermediate_size=64", "--num_hidden_layers=1", "--num_attention_heads=2", "--num_key_value_heads=1",
+            "--batch_size=2", "--seq_len=32", "--batch_tokens=64", "--max_steps=2", "--device=cpu",
+            "--eval_batches=1", "--out_dir=out/run"]
+    with pytest.raises(FileNotFoundError, match=f"python prepare_data.py {config}"):
+        train_pt.main([str(config), *tiny])
+    prepare_data.main([str(config)])
+    meta = json.load(open("prepared/corpus/meta.json"))
+    assert meta["settings"]["dataset"] == "corpus.jsonl" and meta["vocab_size"] == 512
+    train_pt.main([str(config), *tiny])  # trains on what was prepared
+    assert os.path.exists("out/run/hf/model.safetensors")
+    config.write_text('data = dict(dataset="corpus.jsonl")\ndata_dir = "prepared/elsewhere"\n')
+    with pytest.raises(ValueError, match="prepared/elsewhere"):  # data_dir and data disagree: one line
+        prepare_data.main([str(config)])
+
+
+def test_the_doge_20m_data_command_fails_fast_offline(tmp_path, monkeypatch):
+    """train_pt.py config/doge_20m.py without its data names the command that prepares it; that command,
+    offline, fails in seconds with one line naming the offline quickstart."""
+    import train_pt
+    config = os.path.join(ROOT, "config", "doge_20m.py")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        train_pt.main([config])
+    assert f"python prepare_data.py {config}" in str(e.value) and "--data_dir=data/shakespeare" in str(e.value)
+    start = time.time()
+    with pytest.raises(ValueError) as e:
+        prepare_data.main([config])
+    assert time.time() - start < 10 and "\n" not in str(e.value)
+    assert "offline" in str(e.value) and "python prepare_data.py" in str(e.value)

@@ -6,23 +6,9 @@ import torch
 import engine as E
 import model as M
 from engine import Engine
-from model import Doge, DogeConfig
 
-TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-
-def make_model(seed=0, **overrides):
-    """A tiny Doge whose A, residuals and norms are moved off their init (so a mix-up would show)."""
-    torch.manual_seed(seed)
-    model = Doge(DogeConfig(**{**TINY, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.5 + (0.0 if name.endswith(".A") else 1.0))
-    return model.eval()
-
-def max_diff(a, b):
-    return (a - b).abs().max().item()
+# the same tiny model as the parity tests: A, residuals and norms moved off their init
+from test_model import make_model, max_diff  # noqa: E402
 
 def both(model, idx, n, seed=0, stop_check_every=None, **kwargs):
     """(Doge.generate, Engine.generate, the Engine's stream) from the same RNG state."""

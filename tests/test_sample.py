@@ -257,10 +257,10 @@ def one_line_error(error_type, argv):
 
 def test_missing_checkpoint(tmp_path, monkeypatch):
     assert "train one first" in one_line_error(FileNotFoundError, [f"--init_from={tmp_path}/nope", "--prompt=hi"])
-    monkeypatch.chdir(tmp_path)  # the default out/pt does not exist here
-    assert "out/pt" in one_line_error(FileNotFoundError, ["--prompt=hi"])
+    monkeypatch.chdir(tmp_path)  # nothing trained here: the error names the training command
+    assert "config/doge_tiny.py" in one_line_error(FileNotFoundError, ["--prompt=hi"])
     os.makedirs("out/pt")  # exists but holds no checkpoint
-    assert "out/pt" in one_line_error(FileNotFoundError, ["--prompt=hi"])
+    assert "nothing trained under out/" in one_line_error(FileNotFoundError, ["--prompt=hi"])
     # a hub id cannot be fetched offline (tests run with HF_HUB_OFFLINE=1): said at once, in one line
     assert "SmallDoge/Doge-20M" in one_line_error(ValueError, ["--init_from=SmallDoge/Doge-20M", "--prompt=hi"])
 
@@ -304,3 +304,25 @@ def test_cli_error_is_one_line(tmp_path):
     result = run_cli([f"--init_from={tmp_path}/missing", "--prompt", "hello"])
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: no checkpoint at ")
+
+
+def test_default_samples_the_model_trained_last(tmp_path, monkeypatch, model, tok, capsys):
+    """No --init_from: the newest complete checkpoint or exported Hugging Face directory under out/, whichever
+    stage wrote it, said on the first line. A checkpoint being written (a temporary name) does not count."""
+    monkeypatch.chdir(tmp_path)
+    ckpt.save_checkpoint("out/pt", 10, dict(model=model.state_dict(), model_config=vars(model.config), step=10,
+                                           tokenizer=tok.state(), stage="pt"))
+    other = Doge(model.config)  # another model, exported later by another stage
+    other.save_pretrained("out/sft/hf")
+    tok.save("out/sft/hf")
+    os.utime("out/sft/hf/model.safetensors", (2e9, 2e9))
+    open("out/pt/ckpt_0000020.pt.tmp123", "wb").close()
+    cfg = ["--prompt=To be", "--temperature=0", "--max_new_tokens=6", "--num_samples=1"]
+    sample.main(cfg)
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0].startswith("sampling out/sft/hf (the model trained last")
+    expected = sample.main([f"--init_from=out/sft/hf", *cfg]) or capsys.readouterr().out
+    assert captured.out == expected
+    os.utime("out/pt/ckpt_0000010.pt", (3e9, 3e9))  # now the pre-training checkpoint is the newest
+    sample.main(cfg)
+    assert capsys.readouterr().err.splitlines()[0].startswith("sampling out/pt (the model trained last")
