@@ -542,6 +542,15 @@ def already_done(data_dir, settings, force):
 
 # -----------------------------------------------------------------------------
 
+def output_dirs(args):
+    """(pre-training directory, post-training directory), each None when there is nothing of that kind to make:
+    <out_dir>/<dataset name> and <out_dir>/<post-training source names joined by +>."""
+    pre_name = None if args.dataset == "none" else os.path.splitext(os.path.basename(args.dataset))[0]
+    post_sources = [s for s in (args.sft, args.dpo, args.grpo) if s != "none"]
+    post_name = "+".join(dict.fromkeys(os.path.splitext(os.path.basename(s))[0] for s in post_sources))
+    return (pre_name and os.path.join(args.out_dir, pre_name)), (post_name and os.path.join(args.out_dir, post_name))
+
+
 def training_config_arguments(path):
     """prepare_data.py arguments that make what a training config trains on: its `data` dict (settings of this
     script; these defaults where unset) into the parent directory of its data_dir."""
@@ -571,11 +580,7 @@ def main(argv=None):
         source = getattr(args, flag)
         if source.endswith((".txt", ".jsonl", ".json", ".parquet")) and not os.path.isfile(source):
             raise FileNotFoundError(f"--{flag}={source}: file not found")
-    pre_name = None if args.dataset == "none" else os.path.splitext(os.path.basename(args.dataset))[0]
-    post_sources = [s for s in (args.sft, args.dpo, args.grpo) if s != "none"]
-    post_name = "+".join(dict.fromkeys(os.path.splitext(os.path.basename(s))[0] for s in post_sources))
-    pre_dir = pre_name and os.path.join(args.out_dir, pre_name)
-    post_dir = post_name and os.path.join(args.out_dir, post_name)
+    pre_dir, post_dir = output_dirs(args)
     if trains_on and trains_on not in (pre_dir and os.path.normpath(pre_dir), post_dir and os.path.normpath(post_dir)):
         raise ValueError(f"{config_path} trains on {trains_on}, but its data settings make "
                          f"{' and '.join(d for d in (pre_dir, post_dir) if d)}: make its data_dir and data agree")

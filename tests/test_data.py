@@ -485,3 +485,11 @@ def test_the_doge_20m_data_command_fails_fast_offline(tmp_path, monkeypatch):
         prepare_data.main([config])
     assert time.time() - start < 10 and "\n" not in str(e.value)
     assert "offline" in str(e.value) and "python prepare_data.py" in str(e.value)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "config")) if n.endswith(".py")))
+def test_every_shipped_config_names_the_data_it_trains_on(name):
+    """Each config's data settings make its data_dir, so `python prepare_data.py config/<name>` prepares it."""
+    arguments, data_dir = prepare_data.training_config_arguments(os.path.join(ROOT, "config", name))
+    assert data_dir in [os.path.normpath(d) for d in prepare_data.output_dirs(common.load_config(
+        prepare_data.config, arguments)) if d]
