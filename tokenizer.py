@@ -372,8 +372,10 @@ def render_chat(tok, messages, add_generation_prompt=False):
 
 
 def normalize_answer(s):
-    """Answers compare equal after removing spaces and commas and a trailing ".0" ("1,000.0" == "1000")."""
-    s = re.sub(r"[\s,]", "", s)
+    """Answers compare equal after removing spaces, thousands separators and a trailing ".0" ("1,000.0" == "1000";
+    "1,2" stays itself: a comma between digits that are not a group of three is not a separator)."""
+    s = re.sub(r"\s", "", s)
+    s = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", s)
     return re.sub(r"^(-?\d+)\.0+$", r"\1", s)
 
 

@@ -84,9 +84,11 @@ def answers_match(completion, reference):
 def accuracy_reward(completions, answers):
     return [float(answers_match(c, a)) for c, a in zip(completions, answers)]
 
-# a <think> block then an <answer> block, whitespace around them allowed, no tag nested, nothing else
+# a <think> block then an <answer> block, each with something in it, whitespace around them allowed, no tag
+# nested, nothing else
 NO_TAG = r"(?:(?!</?think>|</?answer>).)*"
-FORMAT = re.compile(rf"\s*<think>{NO_TAG}</think>\s*<answer>{NO_TAG}</answer>\s*", re.DOTALL)
+FILLED = r"(?=\s*[^\s<])"  # not empty, nor only whitespace
+FORMAT = re.compile(rf"\s*<think>{FILLED}{NO_TAG}</think>\s*<answer>{FILLED}{NO_TAG}</answer>\s*", re.DOTALL)
 
 def format_reward(completions, answers):
     return [float(FORMAT.fullmatch(c) is not None) for c in completions]
@@ -206,10 +208,12 @@ def pad_sequences(prompts, completions, masks, pad_id, device):
     mask = torch.tensor([m + [0] * (length - len(m)) for _, m in rows], device=device)
     return ids, mask[:, 1:]
 
-def completion_logps(model, ids):
-    """log pi(x_t | x_<t) for every label position t >= 1 of ids [N, L] -> [N, L-1], float32."""
+def completion_logps(model, ids, temperature):
+    """log pi(x_t | x_<t) for every label position t >= 1 of ids [N, L] -> [N, L-1], float32, under the
+    distribution the rollouts sampled from: softmax(logits / temperature) (as TRL takes policy, old and
+    reference log-probs)."""
     logits, _ = model(ids[:, :-1])
-    return token_logprobs(logits, ids[:, 1:])
+    return token_logprobs(logits.float() / temperature, ids[:, 1:])
 
 # -----------------------------------------------------------------------------
 
@@ -343,9 +347,9 @@ def main(argv=None):
         with torch.no_grad(), run.autocast():
             for k, rows in enumerate(micro_batches):
                 if cfg.num_iterations > 1:  # with one pass, pi_old = pi detached (the ratio is 1)
-                    old_logps[k] = completion_logps(model, ids[rows])
+                    old_logps[k] = completion_logps(model, ids[rows], cfg.temperature)
                 if reference is not None:
-                    ref_logps[k] = completion_logps(reference, ids[rows])
+                    ref_logps[k] = completion_logps(reference, ids[rows], cfg.temperature)
         loss_sum, clipped_sum, kl_sum = 0.0, 0.0, 0.0
         for iteration in range(cfg.num_iterations):
             for k, rows in enumerate(micro_batches):
@@ -353,7 +357,7 @@ def main(argv=None):
                 no_sync = ddp_model.no_sync() if ddp_model is not model and not last else contextlib.nullcontext()
                 with no_sync:
                     with run.autocast():
-                        logps = completion_logps(ddp_model, ids[rows])
+                        logps = completion_logps(ddp_model, ids[rows], cfg.temperature)
                     old = logps.detach() if old_logps[k] is None else old_logps[k]
                     loss = grpo_loss(logps, old, ref_logps[k], advantages[rows], mask[rows], cfg.epsilon,
                                      cfg.beta, cfg.loss_type, cfg.max_completion_length) / len(micro_batches)

@@ -111,15 +111,33 @@ def test_rewards_on_hand_written_completions():
         "<think>4+5=9<answer>9</answer></think><answer>9</answer>",  # nested tag
         "<think>4+5=9</think><answer>9",  # unfinished
         "",
+        "<think>1+11=12</think><answer>1,2</answer>",  # a comma that is no thousands separator: not 12
+        "<think></think><answer></answer>",  # empty blocks: no format reward
+        "<think> </think>\n<answer>9</answer>",  # an empty thought
     ]
-    answers = ["9", "1000", "9", "9", "9", "9", "9", "9"]
-    assert accuracy_reward(completions, answers) == [1, 1, 0, 1, 1, 1, 0, 0]
-    assert format_reward(completions, answers) == [1, 1, 1, 0, 0, 0, 0, 0]
+    answers = ["9", "1000", "9", "9", "9", "9", "9", "9", "12", "9", "9"]
+    assert accuracy_reward(completions, answers) == [1, 1, 0, 1, 1, 1, 0, 0, 0, 0, 1]
+    assert format_reward(completions, answers) == [1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0]
     # partial credit: digits right at their place value, over the longer of the two numbers
     partial = ["<answer>5722</answer>", "<answer>5,782</answer>", "<answer>82</answer>", "<answer>15782</answer>", "5782"]
     assert train_grpo.digits_reward(partial, ["5782"] * 5) == [0.75, 1.0, 0.5, 0.8, 0.0]
     rewards, total = train_grpo.score(completions[:3], answers[:3], {"accuracy": 1.0, "format": 0.5})
     assert total.tolist() == [1.5, 1.5, 0.5] and rewards["format"].tolist() == [1, 1, 1]
+
+
+def test_log_probs_are_those_of_the_sampling_temperature():
+    """Rollouts sample from softmax(z / T): policy, old and reference log-probs are taken from the same."""
+    torch.manual_seed(0)
+    model = Doge(DogeConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits far from uniform, so the temperature matters
+        ids = torch.randint(50, (2, 7))
+        logits = model(ids[:, :-1])[0]
+        for temperature in (1.0, 0.7):
+            by_hand = torch.log_softmax(logits / temperature, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            assert torch.allclose(train_grpo.completion_logps(model, ids, temperature), by_hand, atol=1e-5)
+        assert (train_grpo.completion_logps(model, ids, 0.7) - train_grpo.completion_logps(model, ids, 1.0)).abs().max() > 0.1
 
 
 def test_latex_answers_with_math_verify():
