@@ -49,20 +49,24 @@ DEFAULTS = dict(
 # -----------------------------------------------------------------------------
 # the math
 
-def sequence_logprobs(logits, labels, mask):
-    """Per sequence, the sum over positions t with mask[t] = 1 of log p(labels[t] | labels[:t]), in float32.
-    logits [B, T, V] come from the model fed labels [B, T]; logits[t-1] predicts labels[t], so mask and
-    labels are shifted by one against the logits, and position 0 is never scored."""
+def sequence_logprobs(logits, labels, mask, average=False):
+    """Per sequence, the sum over positions t with mask[t] = 1 of log p(labels[t] | labels[:t]), in float32
+    (average: divided by the number of those positions, the per-token mean IPO uses). logits [B, T, V] come from
+    the model fed labels [B, T]; logits[t-1] predicts labels[t], so mask and labels are shifted by one against
+    the logits, and position 0 is never scored."""
     token_logps = token_logprobs(logits[:, :-1], labels[:, 1:])
-    return (token_logps * mask[:, 1:]).sum(-1)
+    total = (token_logps * mask[:, 1:]).sum(-1)
+    return total / mask[:, 1:].sum(-1).clamp(min=1) if average else total
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
              label_smoothing=0.0, loss_type="sigmoid"):
     """Per-pair losses and implicit rewards (DPO eq. 7; IPO, Azar et al. 2023, eq. 17).
     h = (log pi(c) - log pi(r)) - (log ref(c) - log ref(r)): how much more the policy prefers the chosen reply
     than the reference does. sigmoid: -(1-eps) log s(beta h) - eps log s(-beta h), where eps is the probability
-    that a label is flipped (eps = 0: plain DPO). ipo: (h - 1/(2 beta))^2, a margin target instead of an
-    unbounded push. The reward of a reply is beta (log pi - log ref), detached: a metric, not a loss term."""
+    that a label is flipped (eps = 0: plain DPO; eps > 0 is the conservative DPO of TRL 0.27 and earlier, which
+    TRL 1.16's sigmoid loss ignores). ipo: (h - 1/(2 beta))^2, a margin target instead of an unbounded push; for
+    it the caller passes per-token average log-probs (sequence_logprobs(average=True)), as the IPO authors and
+    TRL 1.16 do. The reward of a reply is beta (log pi - log ref), detached: a metric, not a loss term."""
     h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     if loss_type == "sigmoid":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -83,18 +87,19 @@ def pair_batch(chosen_set, rejected_set, indices, max_len, pad_id, device):
     ids, mask = pad_examples(examples, pad_id)
     return ids.to(device), mask.to(device)
 
-def pair_logprobs(model, ids, mask):
-    """(chosen, rejected) response log-probs of a pair_batch: one forward pass over both halves."""
+def pair_logprobs(model, ids, mask, average=False):
+    """(chosen, rejected) response log-probs of a pair_batch (summed, or per-token averages): one forward pass
+    over both halves."""
     logits, _ = model(ids)
-    return sequence_logprobs(logits, ids, mask).chunk(2)
+    return sequence_logprobs(logits, ids, mask, average).chunk(2)
 
 @torch.no_grad()
-def reference_logprobs(reference, ids, mask):
-    return pair_logprobs(reference, ids, mask)
+def reference_logprobs(reference, ids, mask, average=False):
+    return pair_logprobs(reference, ids, mask, average)
 
 def pair_loss(policy, ids, mask, ref_chosen, ref_rejected, beta, label_smoothing, loss_type):
     """Mean DPO loss of a pair_batch and the per-log-line metrics (TRL's names)."""
-    chosen, rejected = pair_logprobs(policy, ids, mask)
+    chosen, rejected = pair_logprobs(policy, ids, mask, average=loss_type == "ipo")
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
                                                         label_smoothing, loss_type)
     metrics = {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
@@ -110,7 +115,7 @@ def all_reference_logprobs(reference, chosen_set, rejected_set, indices, cfg, pa
         ids, mask = pair_batch(chosen_set, rejected_set, indices[first:first + cfg.batch_size], cfg.seq_len,
                                pad_id, device)
         with autocast():
-            chosen, rejected = reference_logprobs(reference, ids, mask)
+            chosen, rejected = reference_logprobs(reference, ids, mask, average=cfg.loss_type == "ipo")
         out[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
     return out
 
@@ -179,7 +184,7 @@ def main(argv=None):
         if train_ref is not None:
             ref_chosen, ref_rejected = torch.from_numpy(train_ref[mine]).to(run.device).unbind(1)
         else:
-            ref_chosen, ref_rejected = reference_logprobs(reference, ids, mask)
+            ref_chosen, ref_rejected = reference_logprobs(reference, ids, mask, average=cfg.loss_type == "ipo")
         return pair_loss(model, ids, mask, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing, cfg.loss_type)
 
     @torch.no_grad()
@@ -193,7 +198,7 @@ def main(argv=None):
             ids, mask = pair_batch(val_chosen, val_rejected, val_usable[first:first + cfg.batch_size], cfg.seq_len,
                                    pad_id, run.device)
             with run.autocast():
-                chosen, rejected = pair_logprobs(model, ids, mask)
+                chosen, rejected = pair_logprobs(model, ids, mask, average=cfg.loss_type == "ipo")
             policy[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
         model.train()
         policy, ref = torch.from_numpy(policy), torch.from_numpy(val_ref)

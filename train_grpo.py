@@ -51,7 +51,7 @@ DEFAULTS = dict(
     # rewards: r_i = sum_k weight_k * reward_k(o_i), functions from REWARD_FUNCTIONS
     reward_weights={"accuracy": 1.0, "format": 1.0},
     # the GRPO objective (TRL's defaults)
-    loss_type="grpo",  # grpo | bnpo | dr_grpo
+    loss_type="dapo",  # dapo (TRL 1.16's default) | grpo | bnpo | dr_grpo
     epsilon=0.2, beta=0.0, num_iterations=1, scale_rewards=True,
     batch_size=16,  # completions per forward/backward pass (gradient accumulation over the step's completions)
     # optimizer and schedule
@@ -131,13 +131,17 @@ def completion_mask(completions, stop_ids):
     stops_before = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()  # stop tokens strictly before t
     return (stops_before == 0).int()
 
-def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0, loss_type="grpo",
-              max_completion_length=None):
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0, loss_type="dapo",
+              max_completion_length=None, num_sequences=None, num_tokens=None):
     """The clipped surrogate of DeepSeekMath eq. 3 with the k3 KL estimator. logps, old_logps, ref_logps and
     mask are per completion token [N, T], advantages [N]. Per token: rho = pi/pi_old,
     l = -min(rho*A, clip(rho, 1-eps, 1+eps)*A) + beta*(pi_ref/pi - log(pi_ref/pi) - 1).
-    Aggregated by loss_type: grpo = mean over each sequence's tokens, then over sequences; bnpo = mean over all
-    tokens of the batch; dr_grpo = sum / (N * max_completion_length) (Dr. GRPO, arXiv 2503.20783)."""
+    Aggregated by loss_type over the step's whole generation batch: grpo = mean over each sequence's tokens, then
+    over the step's sequences; dapo (TRL 1.16's default) and bnpo = sum over the step's tokens / their number;
+    dr_grpo = sum / (sequences x max_completion_length) (Dr. GRPO, arXiv 2503.20783). TRL's bnpo divides by a
+    micro-batch's tokens, so its step depends on the split; here bnpo is the batch mean its name says, which makes
+    it dapo's formula. num_sequences and num_tokens are the step's totals over all micro-batches and processes
+    (these rows' when None): the losses of any split into micro-batches then add up to the step's loss."""
     ratio = torch.exp(logps - old_logps)
     advantages = advantages.unsqueeze(1)
     per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
@@ -145,15 +149,43 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
         log_ref_ratio = ref_logps - logps
         per_token = per_token + beta * (torch.exp(log_ref_ratio) - log_ref_ratio - 1)
     mask = mask.to(per_token.dtype)
+    num_sequences = mask.shape[0] if num_sequences is None else num_sequences
+    num_tokens = mask.sum() if num_tokens is None else num_tokens
     if loss_type == "grpo":
-        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
-    if loss_type == "bnpo":
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
+        return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / num_sequences
+    if loss_type in ("dapo", "bnpo"):
+        return (per_token * mask).sum() / max(num_tokens, 1)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type=dr_grpo divides by max_completion_length: pass it")
-        return (per_token * mask).sum() / (mask.shape[0] * max_completion_length)
-    raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, got {loss_type!r}")
+        return (per_token * mask).sum() / (num_sequences * max_completion_length)
+    raise ValueError(f"loss_type must be dapo, grpo, bnpo or dr_grpo, got {loss_type!r}")
+
+def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, world_size, autocast, scaler):
+    """Accumulate the gradient of the step's GRPO loss over this process's completions ids [N, L] in
+    micro-batches of cfg.batch_size rows; returns (this process's share of the step's loss, log-probs [N, L-1]).
+    Each micro-batch's loss is its part of the step's (grpo_loss with the step's totals) times world_size, as
+    DDP averages the processes' gradients: neither batch_size nor the number of processes changes the step.
+    old_logps: None when pi_old = pi detached (num_iterations = 1)."""
+    num_tokens = mask.sum().float()
+    if world_size > 1:
+        dist.all_reduce(num_tokens)
+    micro_batches = [slice(i, i + cfg.batch_size) for i in range(0, ids.size(0), cfg.batch_size)]
+    loss_sum, all_logps = 0.0, []
+    for k, rows in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
+        with no_sync:
+            with autocast():
+                logps = completion_logps(model, ids[rows], cfg.temperature)
+            old = logps.detach() if old_logps is None else old_logps[rows]
+            loss = grpo_loss(logps, old, None if ref_logps is None else ref_logps[rows], advantages[rows], mask[rows],
+                             cfg.epsilon, cfg.beta, cfg.loss_type, cfg.max_completion_length,
+                             num_sequences=ids.size(0) * world_size, num_tokens=num_tokens) * world_size
+            scaler.scale(loss).backward()
+        loss_sum += loss.item() / world_size
+        all_logps.append(logps.detach())
+    return loss_sum, torch.cat(all_logps)
 
 @torch.no_grad()
 def grpo_stats(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2):
@@ -239,8 +271,8 @@ def check_config(cfg, world_size):
     unknown = set(cfg.reward_weights) - set(REWARD_FUNCTIONS)
     if unknown or not cfg.reward_weights:
         raise ValueError(f"reward_weights names {sorted(unknown) or 'nothing'}: choose from {sorted(REWARD_FUNCTIONS)}")
-    if cfg.loss_type not in ("grpo", "bnpo", "dr_grpo"):
-        raise ValueError(f"loss_type must be grpo, bnpo or dr_grpo, got {cfg.loss_type!r}")
+    if cfg.loss_type not in ("dapo", "grpo", "bnpo", "dr_grpo"):
+        raise ValueError(f"loss_type must be dapo, grpo, bnpo or dr_grpo, got {cfg.loss_type!r}")
     if cfg.num_generations < 2:
         raise ValueError("num_generations must be >= 2: advantages compare completions within a group")
     if cfg.prompts_per_step % world_size:
@@ -294,7 +326,6 @@ def main(argv=None):
                     broadcast_buffers=False) if run.world_size > 1 else model
     scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == "float16")
     prompts_per_rank = cfg.prompts_per_step // run.world_size
-    completions_per_rank = prompts_per_rank * cfg.num_generations
     if run.master:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.prompts_per_step} prompts "
               f"x {cfg.num_generations} completions per step | {len(train_examples)} prompts, "
@@ -342,30 +373,25 @@ def main(argv=None):
         ids, mask = pad_sequences([p for p in prompts for _ in range(cfg.num_generations)],
                                   [row for group in groups for row in group.tolist()],
                                   [row for m in masks for row in m.tolist()], tok.eos_id, run.device)
-        micro_batches = [slice(i, i + cfg.batch_size) for i in range(0, completions_per_rank, cfg.batch_size)]
-        old_logps, ref_logps = [None] * len(micro_batches), [None] * len(micro_batches)
-        with torch.no_grad(), run.autocast():
-            for k, rows in enumerate(micro_batches):
-                if cfg.num_iterations > 1:  # with one pass, pi_old = pi detached (the ratio is 1)
-                    old_logps[k] = completion_logps(model, ids[rows], cfg.temperature)
-                if reference is not None:
-                    ref_logps[k] = completion_logps(reference, ids[rows], cfg.temperature)
+        def logps_of(policy):  # log-probs of every completion, in micro-batches, no gradient
+            with torch.no_grad(), run.autocast():
+                return torch.cat([completion_logps(policy, ids[i:i + cfg.batch_size], cfg.temperature)
+                                  for i in range(0, ids.size(0), cfg.batch_size)])
+        old_logps = logps_of(model) if cfg.num_iterations > 1 else None  # one pass: pi_old = pi detached
+        ref_logps = logps_of(reference) if reference is not None else None
         loss_sum, clipped_sum, kl_sum = 0.0, 0.0, 0.0
         for iteration in range(cfg.num_iterations):
-            for k, rows in enumerate(micro_batches):
-                last = k == len(micro_batches) - 1
-                no_sync = ddp_model.no_sync() if ddp_model is not model and not last else contextlib.nullcontext()
-                with no_sync:
-                    with run.autocast():
-                        logps = completion_logps(ddp_model, ids[rows], cfg.temperature)
-                    old = logps.detach() if old_logps[k] is None else old_logps[k]
-                    loss = grpo_loss(logps, old, ref_logps[k], advantages[rows], mask[rows], cfg.epsilon,
-                                     cfg.beta, cfg.loss_type, cfg.max_completion_length) / len(micro_batches)
-                    scaler.scale(loss).backward()
-                clipped, kl = grpo_stats(logps, old, ref_logps[k], advantages[rows], mask[rows], cfg.epsilon)
-                loss_sum += loss.item() / cfg.num_iterations
-                clipped_sum += clipped / len(micro_batches) / cfg.num_iterations
-                kl_sum += kl / len(micro_batches) / cfg.num_iterations
+            loss, logps = policy_backward(ddp_model, ids, mask, advantages, old_logps, ref_logps, cfg,
+                                          run.world_size, run.autocast, scaler)
+            clipped, kl = grpo_stats(logps, logps if old_logps is None else old_logps, ref_logps, advantages, mask,
+                                     cfg.epsilon)
+            if run.world_size > 1:  # the step's loss: every process's share
+                loss_tensor = torch.tensor(loss, device=run.device)
+                dist.all_reduce(loss_tensor)
+                loss = loss_tensor.item()
+            loss_sum += loss / cfg.num_iterations
+            clipped_sum += clipped / cfg.num_iterations
+            kl_sum += kl / cfg.num_iterations
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             check_finite(loss_sum, grad_norm, step, cfg, run)

@@ -1,6 +1,7 @@
 """GRPO: the loss against a hand computation for every aggregation, advantages, the completion mask, the
 rewards on hand-written completions, a short run on the arithmetic task that raises the held-out reward, exact
 resume, and the whole offline chain (run_chain.sh) at toy sizes."""
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,7 @@ def test_grpo_loss_matches_hand_computation(beta):
     masked = [[l * m for l, m in zip(row, mask)] for row, mask in zip(per_token, MASK)]
     sequence_means = [sum(row) / sum(mask) for row, mask in zip(masked, MASK)]
     expected = {"grpo": sum(sequence_means) / 2,
+                "dapo": sum(map(sum, masked)) / 5,
                 "bnpo": sum(map(sum, masked)) / 5,
                 "dr_grpo": sum(map(sum, masked)) / (2 * 8)}
     for loss_type, value in expected.items():
@@ -64,11 +66,38 @@ def test_grpo_loss_matches_hand_computation(beta):
 def test_gradient_is_advantage_times_score_when_policy_sampled():
     """num_iterations = 1: pi_old = pi detached, so rho = 1 and dloss/dlogp_t = -A_i / |o_i| / N (grpo)."""
     logps = torch.tensor(LOGPS, requires_grad=True)
-    loss = grpo_loss(logps, logps.detach(), None, torch.tensor(ADVANTAGES), torch.tensor(MASK))
+    loss = grpo_loss(logps, logps.detach(), None, torch.tensor(ADVANTAGES), torch.tensor(MASK), loss_type="grpo")
     loss.backward()
     expected = [[-1.0 / 2 / 2, -1.0 / 2 / 2, 0.0], [2.0 / 3 / 2] * 3]
     assert torch.allclose(logps.grad, torch.tensor(expected))
     assert loss.item() == pytest.approx(-(1.0 + -2.0) / 2)  # -mean(A) when rho = 1
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+@pytest.mark.parametrize("beta, num_iterations", [(0.0, 1), (0.04, 2)])
+def test_step_does_not_depend_on_the_micro_batch_size(loss_type, beta, num_iterations):
+    """8 completions of unequal length in micro-batches of 3, 5 or 8: the same step loss and gradient."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = Doge(DogeConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(40, (8, 12))
+    mask = (torch.arange(11)[None] < torch.tensor([3, 11, 5, 7, 2, 9, 11, 4])[:, None]).int()
+    advantages = torch.randn(8)
+    with torch.no_grad():
+        old = train_grpo.completion_logps(model, ids, 0.7) + 0.1 * torch.randn(8, 11) if num_iterations > 1 else None
+        ref = train_grpo.completion_logps(model, ids, 0.7) - 0.2 if beta else None
+    results = []
+    for batch_size in (3, 5, 8):
+        cfg = SimpleNamespace(batch_size=batch_size, temperature=0.7, epsilon=0.2, beta=beta, loss_type=loss_type,
+                              max_completion_length=11)
+        model.zero_grad()
+        loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, old, ref, cfg, 1, contextlib.nullcontext,
+                                             torch.amp.GradScaler("cpu", enabled=False))
+        results.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    for loss, grad in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
+        assert torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-7)
 
 
 def test_unknown_loss_type_and_missing_length_are_errors():

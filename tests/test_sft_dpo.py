@@ -100,6 +100,19 @@ def test_sequence_logprobs_by_hand():
     # a padded position (mask 0) adds nothing; bf16 logits give a float32 sum
     out = sequence_logprobs(logits.bfloat16(), labels, torch.tensor([[0, 1, 0]]))
     assert out.dtype == torch.float32 and out.item() == pytest.approx(lp_token1, abs=0.05)
+    # IPO's per-token average: the sum over the response's tokens divided by their number
+    average = sequence_logprobs(logits, labels, torch.tensor([[0, 1, 1]]), average=True).item()
+    assert average == pytest.approx((lp_token1 + lp_token2) / 2)
+
+
+def test_ipo_loss_on_per_token_averages_by_hand():
+    """IPO (Azar et al. eq. 17, as TRL 1.16): h from per-token average log-ratios, loss (h - 1/(2 beta))^2."""
+    policy_c, policy_r, ref_c, ref_r = (torch.tensor([v]) for v in (-12.0, -30.0, -14.0, -27.0))
+    len_c, len_r = 4, 6
+    h = (policy_c / len_c - policy_r / len_r) - (ref_c / len_c - ref_r / len_r)  # (-3 + 5) - (-3.5 + 4.5) = 1
+    losses, _, _ = dpo_loss(policy_c / len_c, policy_r / len_r, ref_c / len_c, ref_r / len_r, beta=0.1,
+                            loss_type="ipo")
+    assert h.item() == pytest.approx(1.0) and losses.item() == pytest.approx((1.0 - 5.0) ** 2)
 
 # -----------------------------------------------------------------------------
 # batches
