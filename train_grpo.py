@@ -52,7 +52,10 @@ DEFAULTS = dict(
     reward_weights={"accuracy": 1.0, "format": 1.0},
     # the GRPO objective (TRL's defaults)
     loss_type="dapo",  # dapo (TRL 1.16's default) | grpo | bnpo | dr_grpo
-    epsilon=0.2, beta=0.0, num_iterations=1, scale_rewards=True,
+    epsilon=0.2, epsilon_high=None,  # the clip range [1 - epsilon, 1 + epsilon_high]; None: epsilon (DAPO's clip-higher)
+    beta=0.0, use_bias_correction_kl=True,  # the KL term times the ratio pi/pi_old (TRL 1.16's default)
+    num_iterations=1, scale_rewards="group",  # group | batch | none: the std advantages are divided by
+    mask_truncated_completions=False,  # True: a completion cut at max_completion_length (no stop token) adds no loss
     batch_size=16,  # completions per forward/backward pass (gradient accumulation over the step's completions)
     # optimizer and schedule
     max_steps=200, learning_rate=1e-6, schedule="wsd", warmup_ratio=0.0, decay_ratio=0.0, min_lr_rate=0.0,
@@ -116,13 +119,18 @@ def score(completions, answers, reward_weights):
 # -----------------------------------------------------------------------------
 # the GRPO objective
 
-def group_advantages(rewards, num_generations, scale_rewards=True):
-    """A_i = (r_i - mean(r)) / (std(r) + 1e-4) within each group of num_generations consecutive completions
-    (Bessel-corrected std, as TRL); r_i - mean(r) with scale_rewards off. Equal rewards -> zero advantage."""
+def group_advantages(rewards, num_generations, scale_rewards="group"):
+    """A_i = (r_i - mean(r)) / (std + 1e-4), the mean over each group of num_generations consecutive completions;
+    std (Bessel-corrected, as TRL 1.16) that of the group (scale_rewards="group"), of every reward given
+    (rewards is the whole step's: "batch"), or no division ("none"). Equal rewards in a group: zero advantage."""
     grouped = rewards.view(-1, num_generations)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_rewards:
+    if scale_rewards == "group":
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    elif scale_rewards == "batch":
+        advantages = advantages / (rewards.std() + 1e-4)
+    elif scale_rewards != "none":
+        raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
     return advantages.flatten()
 
 def completion_mask(completions, stop_ids):
@@ -132,10 +140,13 @@ def completion_mask(completions, stop_ids):
     return (stops_before == 0).int()
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0.0, loss_type="dapo",
-              max_completion_length=None, num_sequences=None, num_tokens=None):
+              max_completion_length=None, num_sequences=None, num_tokens=None, epsilon_high=None,
+              use_bias_correction_kl=True):
     """The clipped surrogate of DeepSeekMath eq. 3 with the k3 KL estimator. logps, old_logps, ref_logps and
     mask are per completion token [N, T], advantages [N]. Per token: rho = pi/pi_old,
-    l = -min(rho*A, clip(rho, 1-eps, 1+eps)*A) + beta*(pi_ref/pi - log(pi_ref/pi) - 1).
+    l = -min(rho*A, clip(rho, 1-eps, 1+eps_high)*A) + beta*kl, kl = pi_ref/pi - log(pi_ref/pi) - 1, times rho
+    with use_bias_correction_kl (TRL 1.16's default: the estimate under pi_old's samples); eps_high = eps unless
+    set (DAPO's clip-higher).
     Aggregated by loss_type over the step's whole generation batch: grpo = mean over each sequence's tokens, then
     over the step's sequences; dapo (TRL 1.16's default) and bnpo = sum over the step's tokens / their number;
     dr_grpo = sum / (sequences x max_completion_length) (Dr. GRPO, arXiv 2503.20783). TRL's bnpo divides by a
@@ -144,10 +155,12 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
     (these rows' when None): the losses of any split into micro-batches then add up to the step's loss."""
     ratio = torch.exp(logps - old_logps)
     advantages = advantages.unsqueeze(1)
-    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon) * advantages)
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon_high) * advantages)
     if beta != 0.0:
         log_ref_ratio = ref_logps - logps
-        per_token = per_token + beta * (torch.exp(log_ref_ratio) - log_ref_ratio - 1)
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
+        per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
     mask = mask.to(per_token.dtype)
     num_sequences = mask.shape[0] if num_sequences is None else num_sequences
     num_tokens = mask.sum() if num_tokens is None else num_tokens
@@ -181,18 +194,20 @@ def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, wor
             old = logps.detach() if old_logps is None else old_logps[rows]
             loss = grpo_loss(logps, old, None if ref_logps is None else ref_logps[rows], advantages[rows], mask[rows],
                              cfg.epsilon, cfg.beta, cfg.loss_type, cfg.max_completion_length,
-                             num_sequences=ids.size(0) * world_size, num_tokens=num_tokens) * world_size
+                             num_sequences=ids.size(0) * world_size, num_tokens=num_tokens,
+                             epsilon_high=cfg.epsilon_high, use_bias_correction_kl=cfg.use_bias_correction_kl) * world_size
             scaler.scale(loss).backward()
         loss_sum += loss.item() / world_size
         all_logps.append(logps.detach())
     return loss_sum, torch.cat(all_logps)
 
 @torch.no_grad()
-def grpo_stats(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2):
-    """Token fractions where the clip removed the gradient (ratio beyond 1+-eps in the advantage's direction),
-    and the mean k3 KL to the reference (0 without one)."""
+def grpo_stats(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, epsilon_high=None):
+    """Token fractions where the clip removed the gradient (ratio beyond 1-eps or 1+eps_high in the advantage's
+    direction), and the mean k3 KL to the reference (0 without one)."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
     ratio, advantages, mask = torch.exp(logps - old_logps), advantages.unsqueeze(1), mask.float()
-    clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon) & (advantages > 0))
+    clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
     tokens = mask.sum().clamp(min=1)
     kl = 0.0
     if ref_logps is not None:
@@ -277,6 +292,8 @@ def check_config(cfg, world_size):
         raise ValueError("num_generations must be >= 2: advantages compare completions within a group")
     if cfg.prompts_per_step % world_size:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the {world_size} processes")
+    if cfg.scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be group, batch or none, got {cfg.scale_rewards!r}")
     if cfg.num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
 
@@ -367,7 +384,16 @@ def main(argv=None):
         texts = [t for group, mask in zip(groups, masks) for t in decode_completions(tok, group, mask, stop_ids)]
         answers = [ex["answer"] for ex in examples for _ in range(cfg.num_generations)]
         rewards, total_reward = score(texts, answers, cfg.reward_weights)
-        advantages = group_advantages(total_reward, cfg.num_generations, cfg.scale_rewards).to(run.device)
+        all_rewards = total_reward.to(run.device)  # the step's, from every process (for the batch std and the log)
+        if run.world_size > 1:
+            gathered = [torch.zeros_like(all_rewards) for _ in range(run.world_size)]
+            dist.all_gather(gathered, all_rewards)
+            all_rewards = torch.cat(gathered)
+        mine = slice(run.rank * len(texts), (run.rank + 1) * len(texts))
+        advantages = group_advantages(all_rewards, cfg.num_generations, cfg.scale_rewards)[mine]
+        if cfg.mask_truncated_completions:  # a completion that never stopped was cut short: no loss on it
+            stops = torch.tensor(stop_ids, device=run.device)
+            masks = [m * torch.isin(group, stops).any(dim=1, keepdim=True) for group, m in zip(groups, masks)]
 
         # 3. num_iterations updates on these completions, ratios taken to the policy that sampled them
         ids, mask = pad_sequences([p for p in prompts for _ in range(cfg.num_generations)],
@@ -384,7 +410,7 @@ def main(argv=None):
             loss, logps = policy_backward(ddp_model, ids, mask, advantages, old_logps, ref_logps, cfg,
                                           run.world_size, run.autocast, scaler)
             clipped, kl = grpo_stats(logps, logps if old_logps is None else old_logps, ref_logps, advantages, mask,
-                                     cfg.epsilon)
+                                     cfg.epsilon, cfg.epsilon_high)
             if run.world_size > 1:  # the step's loss: every process's share
                 loss_tensor = torch.tensor(loss, device=run.device)
                 dist.all_reduce(loss_tensor)
@@ -401,8 +427,10 @@ def main(argv=None):
 
         seconds = time.perf_counter() - step_start
         if step % cfg.log_interval == 0 or step == cfg.max_steps - 1:
-            record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm, reward=total_reward.mean().item(),
-                          reward_std=total_reward.view(-1, cfg.num_generations).std(dim=1).mean().item(),
+            group_std = all_rewards.view(-1, cfg.num_generations).std(dim=1)
+            record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm, reward=all_rewards.mean().item(),
+                          reward_std=all_rewards.std().item(),  # TRL's: over every reward of the step
+                          frac_reward_zero_std=(group_std < 1e-6).float().mean().item(),
                           completion_length=completion_tokens / len(texts), clip_fraction=clipped_sum, kl=kl_sum,
                           rollout_tokens_per_s=completion_tokens / rollout_seconds, step_seconds=seconds)
             for name, r in rewards.items():

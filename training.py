@@ -228,10 +228,11 @@ def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accu
                 loss_sum += loss.item() / grad_accum
                 for key, value in metrics.items():
                     metric_sums[key] = metric_sums.get(key, 0.0) + value / grad_accum
-            if run.world_size > 1:  # log the loss of the whole global batch, not rank 0's share
-                loss_tensor = torch.tensor(loss_sum, device=run.device)
-                dist.all_reduce(loss_tensor)
-                loss_sum = loss_tensor.item() / run.world_size
+            if run.world_size > 1:  # log the loss and metrics of the whole global batch, not rank 0's share
+                values = torch.tensor([loss_sum, *metric_sums.values()], device=run.device)
+                dist.all_reduce(values)
+                loss_sum, *means = (values / run.world_size).tolist()
+                metric_sums = dict(zip(metric_sums, means))
             if engine is not None:
                 grad_norm = float(engine.get_global_grad_norm() or 0.0)  # a tensor or None
             else:

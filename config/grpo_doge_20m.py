@@ -14,7 +14,8 @@ prompts_per_step = 16
 num_generations = 8
 temperature = 1.0
 max_completion_length = 256
-# the objective: TRL's defaults (epsilon 0.2, beta 0, one pass per batch, per-sequence mean)
+# the objective: TRL 1.16's defaults (epsilon 0.2, beta 0, one pass per batch), except the per-sequence mean
+# (loss_type grpo, TRL's default when SmallDoge's recipe was written; TRL 1.16's is dapo)
 loss_type = "grpo"
 epsilon = 0.2
 beta = 0.0

@@ -26,15 +26,18 @@ ADVANTAGES = [1.0, -2.0]
 MASK = [[1, 1, 0], [1, 1, 1]]
 
 
-def hand_per_token(epsilon, beta):
-    """l = -min(rho A, clip(rho) A) + beta (e^(ref-logp) - (ref-logp) - 1), one token at a time."""
+def hand_per_token(epsilon, beta, epsilon_high=None, bias_correction=True):
+    """l = -min(rho A, clip(rho, 1-eps, 1+eps_high) A) + beta kl (times rho with the bias correction),
+    kl = e^(ref-logp) - (ref-logp) - 1, one token at a time."""
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
     losses = []
     for logps, olds, refs, a in zip(LOGPS, OLD_LOGPS, REF_LOGPS, ADVANTAGES):
         row = []
         for logp, old, ref in zip(logps, olds, refs):
             rho = math.exp(logp - old)
-            clipped = min(max(rho, 1 - epsilon), 1 + epsilon)
-            row.append(-min(rho * a, clipped * a) + beta * (math.exp(ref - logp) - (ref - logp) - 1))
+            clipped = min(max(rho, 1 - epsilon), 1 + epsilon_high)
+            kl = math.exp(ref - logp) - (ref - logp) - 1
+            row.append(-min(rho * a, clipped * a) + beta * kl * (rho if bias_correction else 1.0))
         losses.append(row)
     return losses
 
@@ -44,14 +47,17 @@ def loss_of(**kwargs):
     return grpo_loss(t(LOGPS), t(OLD_LOGPS), t(REF_LOGPS), t(ADVANTAGES), torch.tensor(MASK), **kwargs).item()
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.04])
-def test_grpo_loss_matches_hand_computation(beta):
+@pytest.mark.parametrize("beta, epsilon_high, bias_correction", [(0.0, None, True), (0.04, None, True),
+                                                                (0.04, None, False), (0.0, 0.28, True)])
+def test_grpo_loss_matches_hand_computation(beta, epsilon_high, bias_correction):
     epsilon = 0.2
-    per_token = hand_per_token(epsilon, beta)
-    # the clip is active: token 0 of row 0 (rho = e^0.5 > 1.2, A > 0) and token 2 of row 1 (rho = e^0.5, A < 0
-    # takes the min with the unclipped rho) and token 1 of row 1 (rho = e^-0.5 < 0.8, A < 0 -> clipped)
-    assert per_token[0][0] == pytest.approx(-1.2 * 1.0 + beta * (math.exp(0.2) - 0.2 - 1))
-    assert per_token[1][1] == pytest.approx(0.8 * 2.0 + beta * (math.exp(0.3) - 0.3 - 1))
+    per_token = hand_per_token(epsilon, beta, epsilon_high, bias_correction)
+    # the clip is active: token 0 of row 0 (rho = e^0.5 > 1 + eps_high, A > 0) and token 2 of row 1 (rho = e^0.5,
+    # A < 0 takes the min with the unclipped rho) and token 1 of row 1 (rho = e^-0.5 < 0.8, A < 0 -> clipped)
+    kl_weight = math.exp(0.5) if bias_correction else 1.0
+    assert per_token[0][0] == pytest.approx(-(1 + (epsilon_high or epsilon)) * 1.0 +
+                                            beta * (math.exp(0.2) - 0.2 - 1) * kl_weight)
+    assert per_token[1][1] == pytest.approx(0.8 * 2.0 + beta * (math.exp(0.3) - 0.3 - 1) * math.exp(-0.5) ** bias_correction)
     masked = [[l * m for l, m in zip(row, mask)] for row, mask in zip(per_token, MASK)]
     sequence_means = [sum(row) / sum(mask) for row, mask in zip(masked, MASK)]
     expected = {"grpo": sum(sequence_means) / 2,
@@ -59,7 +65,8 @@ def test_grpo_loss_matches_hand_computation(beta):
                 "bnpo": sum(map(sum, masked)) / 5,
                 "dr_grpo": sum(map(sum, masked)) / (2 * 8)}
     for loss_type, value in expected.items():
-        assert loss_of(epsilon=epsilon, beta=beta, loss_type=loss_type, max_completion_length=8) == \
+        assert loss_of(epsilon=epsilon, beta=beta, loss_type=loss_type, max_completion_length=8,
+                       epsilon_high=epsilon_high, use_bias_correction_kl=bias_correction) == \
             pytest.approx(value, rel=1e-6), loss_type
 
 
@@ -90,7 +97,7 @@ def test_step_does_not_depend_on_the_micro_batch_size(loss_type, beta, num_itera
     results = []
     for batch_size in (3, 5, 8):
         cfg = SimpleNamespace(batch_size=batch_size, temperature=0.7, epsilon=0.2, beta=beta, loss_type=loss_type,
-                              max_completion_length=11)
+                              max_completion_length=11, epsilon_high=0.28, use_bias_correction_kl=True)
         model.zero_grad()
         loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, old, ref, cfg, 1, contextlib.nullcontext,
                                              torch.amp.GradScaler("cpu", enabled=False))
@@ -113,8 +120,14 @@ def test_group_advantages():
     std = math.sqrt(4 * 0.25 / 3)  # Bessel: sum of squared deviations / (G - 1)
     assert torch.allclose(advantages[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-4))
     assert torch.equal(advantages[4:], torch.zeros(4))  # equal rewards: no signal
-    unscaled = group_advantages(rewards, num_generations=4, scale_rewards=False)
+    unscaled = group_advantages(rewards, num_generations=4, scale_rewards="none")
     assert torch.allclose(unscaled, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    batch_std = rewards.std().item()  # every reward of the step: mean 1.25, Bessel-corrected
+    assert batch_std == pytest.approx(math.sqrt((2 * 1.25 ** 2 + 2 * 0.25 ** 2 + 4 * 0.75 ** 2) / 7))
+    batch = group_advantages(rewards, num_generations=4, scale_rewards="batch")
+    assert torch.allclose(batch, unscaled / (batch_std + 1e-4))
+    with pytest.raises(ValueError, match="scale_rewards"):
+        group_advantages(rewards, num_generations=4, scale_rewards=True)
 
 
 def test_tokens_after_eos_carry_no_loss():
@@ -221,6 +234,22 @@ def test_short_grpo_run_raises_held_out_reward(sft_model):
     assert end["reward"] > start["reward"]
     steps = [r for r in records if "loss" in r]
     assert all(0 <= r["clip_fraction"] <= 1 and r["completion_length"] > 0 for r in steps)
+
+
+def test_truncated_completions_masked_and_the_temperature_ratio(sft_model, tmp_path):
+    """At temperature 0.7 the first step's ratio is 1 (policy and old log-probs from the same softmax(z/T)): no
+    token clipped. With 3-token completions every one is cut short: mask_truncated_completions leaves no loss and
+    no gradient. The logged reward_std is over every reward, frac_reward_zero_std the groups without spread."""
+    root, data_dir = sft_model
+    common_args = [f"--data_dir={data_dir}", f"--init_from={root / 'sft'}", "--max_steps=1", "--prompts_per_step=4",
+                   "--num_generations=4", "--eval_prompts=4", "--eval_generations=1", *SYSTEM]
+    train_grpo.main(common_args + [f"--out_dir={tmp_path / 'a'}", "--temperature=0.7", "--max_completion_length=40"])
+    step = log_records(tmp_path / "a")[1]
+    assert step["clip_fraction"] == 0 and 0 <= step["frac_reward_zero_std"] <= 1 and step["reward_std"] >= 0
+    train_grpo.main(common_args + [f"--out_dir={tmp_path / 'b'}", "--max_completion_length=3",
+                                   "--mask_truncated_completions"])
+    step = log_records(tmp_path / "b")[1]
+    assert step["loss"] == 0 and step["grad_norm"] == 0
 
 
 def test_resume_is_exact(sft_model, tmp_path):
