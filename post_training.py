@@ -112,7 +112,7 @@ def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
+    stop_ids = [tok.end_of_turn_id, tok.eos_id]
     prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions = [None] * len(examples)

@@ -510,12 +510,13 @@ def example_texts(sets):
 
 
 def render_pair(tok, prompt, chosen, rejected):
-    """Chosen and rejected conversations; the mask covers only the final reply and its <|im_end|>."""
-    prompt_ids, _ = tk.render_chat(tok, prompt)
+    """Chosen and rejected conversations, each rendered whole; the mask covers only the final reply and its
+    end-of-turn token (nothing before the generation prompt that precedes it)."""
+    before = len(tk.render_chat(tok, prompt, add_generation_prompt=True)[0])
     rendered = []
     for reply in (chosen, rejected):
-        ids, mask = tk.render_chat(tok, [{"role": "assistant", "content": reply}])
-        rendered.append((prompt_ids + ids, [0] * len(prompt_ids) + mask))
+        ids, mask = tk.render_chat(tok, prompt + [{"role": "assistant", "content": reply}])
+        rendered.append((ids, [0] * before + mask[before:]))
     return rendered
 
 # -----------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def complete(engine, tok, prompt, cfg, out=None):
 def answer(engine, tok, cfg, messages, out):
     """Generate the assistant's reply to messages, printing it as it is made; returns its text (without the
     end-of-turn token). Ctrl-C ends the reply early; what was said so far is kept."""
-    end_of_turn = tok.special_id("<|im_end|>")
+    end_of_turn = tok.end_of_turn_id  # <|im_end|>, or the chat template's own
     think_open, think_close = tok.special_id("<think>"), tok.special_id("</think>")
     prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True)  # the same renderer as SFT
     room = engine.model.config.max_position_embeddings - len(prompt_ids)

@@ -57,6 +57,9 @@ class Tokenizer:
         self.special_ids = {name: self._special_id(name) for name in SPECIAL_TOKENS}
         self.special_names = {i: name for name, i in self.special_ids.items()}
         self.eos_id = self.special_ids[EOS]
+        # a Hugging Face tokenizer's own chat template (tokenizer_config.json), else nanodoge's ChatML
+        self.chat_template = state.get("chat_template")
+        self.end_of_turn_id = self.special_ids["<|im_end|>"] if not self.chat_template else template_end_of_turn(self)
         self._tag_pattern = re.compile("(" + "|".join(re.escape(t) for t in REASONING_TAGS) + ")")
 
     # --- backends: each sets vocab_size, _special_id(name), _encode_plain(texts), _decode_plain(ids)
@@ -98,6 +101,7 @@ class Tokenizer:
         if missing:
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
         tok.encode_special_tokens = True  # special tokens typed in text are encoded as plain text
+        self._hf = tok
         self._state["json"] = tok.to_str()  # with the specials added: ids stay stable when saved and reloaded
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._special_id = tok.token_to_id
@@ -121,6 +125,9 @@ class Tokenizer:
         if kind != "tiktoken":
             data = self._state["model" if kind == "sentencepiece" else "json"]
             common.write_file(os.path.join(directory, entry["file"]), data)
+        if self.chat_template:  # where transformers keeps it, so both read the same template
+            config = {key: self._state[key] for key in ("chat_template", "bos_token", "eos_token")}
+            common.write_file(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2))
         info = {"tokenizer": entry, "vocab_size": self.vocab_size, "special_ids": self.special_ids,
                 "eos_id": self.eos_id, **meta}
         common.write_file(os.path.join(directory, "meta.json"), json.dumps(info, indent=2))
@@ -230,7 +237,8 @@ def train_sentencepiece(texts, vocab_size):
 
 
 def hf_tokenizer(path_or_hub_id):
-    """A Tokenizer from a tokenizer.json file, a directory holding one, or a hub id (online)."""
+    """A Tokenizer from a tokenizer.json file, a directory holding one, or a hub id (online), with the chat
+    template of the tokenizer_config.json beside it, if there is one."""
     path = path_or_hub_id
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
@@ -245,11 +253,31 @@ def hf_tokenizer(path_or_hub_id):
             raise ValueError(f"could not fetch tokenizer.json of {path_or_hub_id!r} from the hub "
                              f"({type(e).__name__}); offline, pass a local tokenizer.json path, or run the offline "
                              "quickstart: python prepare_data.py, then python train_pt.py config/doge_tiny.py") from None
+    config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    if not os.path.exists(config_path) and not os.path.exists(path_or_hub_id):  # a hub id's
+        try:
+            config_path = hf_hub_download(path_or_hub_id, "tokenizer_config.json")
+        except Exception:
+            config_path = ""  # a tokenizer without one: ChatML
     with open(path, encoding="utf-8") as f:
         try:
-            return Tokenizer({"kind": "hf", "json": f.read()})
+            return Tokenizer({"kind": "hf", "json": f.read(), **chat_template_of(config_path)})
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def chat_template_of(config_path):
+    """{chat_template, bos_token, eos_token} from a tokenizer_config.json (empty if it has no template)."""
+    if not os.path.isfile(config_path):
+        return {}
+    with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+    template = config.get("chat_template")
+    if not isinstance(template, str):  # absent, or a list of named templates: ChatML
+        return {}
+    token = lambda value: value.get("content") if isinstance(value, dict) else value  # AddedToken dicts too
+    return {"chat_template": template, "bos_token": token(config.get("bos_token")),
+            "eos_token": token(config.get("eos_token"))}
 
 
 def load_tokenizer(data_dir):
@@ -276,7 +304,8 @@ def load_tokenizer(data_dir):
             return Tokenizer({"kind": "sentencepiece", "model": f.read()})
     if kind == "hf":
         with open(file_path, encoding="utf-8") as f:
-            return Tokenizer({"kind": "hf", "json": f.read()})
+            return Tokenizer({"kind": "hf", "json": f.read(),
+                              **chat_template_of(os.path.join(data_dir, "tokenizer_config.json"))})
     raise ValueError(f"{meta_path} names an unknown tokenizer kind {kind!r}")
 
 # -----------------------------------------------------------------------------
@@ -344,19 +373,27 @@ def pip_download(requirement, sha256):
 
 
 # -----------------------------------------------------------------------------
-# chat template (ChatML) and the reasoning format
+# chat templates and the reasoning format
 
-def render_chat(tok, messages, add_generation_prompt=False):
-    """ids and loss mask of "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message. The mask is 1
-    exactly on assistant content and the assistant's <|im_end|> (what SFT learns to produce)."""
-    start, end = tok.special_id("<|im_start|>"), tok.special_id("<|im_end|>")
-    pieces = []
+def check_messages(messages):
     for n, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise ValueError(f"message {n} must have role system/user/assistant and text content, "
                              f"got role={role!r} content={type(content).__name__}")
-        pieces += [role + "\n", content]
+
+
+def render_chat(tok, messages, add_generation_prompt=False):
+    """ids and loss mask of a conversation in the tokenizer's chat template (template_chat), or in ChatML,
+    nanodoge's own: "<|im_start|>{role}\\n{content}<|im_end|>\\n" per message. The mask is 1 exactly on
+    assistant content and the end-of-turn token that closes it (what SFT learns to produce)."""
+    check_messages(messages)
+    if tok.chat_template:
+        return template_chat(tok, messages, add_generation_prompt)
+    start, end = tok.special_id("<|im_start|>"), tok.special_id("<|im_end|>")
+    pieces = []
+    for message in messages:
+        pieces += [message["role"] + "\n", message["content"]]
     encoded = tok.encode_batch(pieces + ["\n", "assistant\n"])  # one call: the pieces are short
     newline, generation_header = encoded[-2], [start] + encoded[-1]
     ids, mask = [], []
@@ -369,6 +406,57 @@ def render_chat(tok, messages, add_generation_prompt=False):
         ids += generation_header
         mask += [0] * len(generation_header)
     return ids, mask
+
+
+def template_text(tok, messages, add_generation_prompt=False):
+    """The conversation as text, rendered from the tokenizer's jinja chat template the way transformers'
+    apply_chat_template does (a sandboxed environment, trim_blocks and lstrip_blocks, bos/eos token names)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refuses this conversation: {message}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(tok.chat_template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=tok.state()["bos_token"],
+        eos_token=tok.state()["eos_token"])
+
+
+def template_end_of_turn(tok):
+    """The id of the special token that ends an assistant turn in the tokenizer's template: the one right after
+    the content of a probe reply."""
+    text = template_text(tok, [dict(role="user", content="?"), dict(role="assistant", content="PROBE")])
+    after = text[text.rindex("PROBE") + len("PROBE"):]
+    for content, added in tok._hf.get_added_tokens_decoder().items():
+        if added.special and after.startswith(added.content):
+            return content
+    raise ValueError("the chat template closes an assistant turn with no special token: cannot tell where a "
+                     "reply ends")
+
+
+def template_chat(tok, messages, add_generation_prompt=False):
+    """ids of the template's text (special tokens as themselves, as transformers encodes it) and the mask: 1 on
+    the tokens of each assistant reply and its end-of-turn token. A reply's characters are found by rendering
+    the conversation up to it (with the generation prompt) and through it."""
+    text = template_text(tok, messages, add_generation_prompt)
+    end_of_turn = tok._hf.id_to_token(tok.end_of_turn_id)
+    spans = []  # character ranges to learn
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(template_text(tok, messages[:i], add_generation_prompt=True))
+        through = template_text(tok, messages[:i + 1])
+        if not text.startswith(through) or end_of_turn not in through[start:]:
+            raise ValueError("the chat template renders a conversation's prefix differently from the whole: "
+                             "cannot mark what the assistant said")
+        spans.append((start, through.index(end_of_turn, start) + len(end_of_turn)))
+    tok._hf.encode_special_tokens = False  # the template's special tokens are the tokens themselves
+    try:
+        encoding = tok._hf.encode(text, add_special_tokens=False)
+    finally:
+        tok._hf.encode_special_tokens = True
+    mask = [int(any(a <= first < b for a, b in spans)) for first, _ in encoding.offsets]
+    return encoding.ids, mask
 
 
 def normalize_answer(s):

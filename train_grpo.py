@@ -1,6 +1,6 @@
 """
 Reinforcement learning with verifiable rewards: GRPO (DeepSeekMath, arXiv 2402.03300), in the conventions of
-TRL's GRPOTrainer. Each step samples G completions per prompt from the current policy, scores them with plain
+TRL 1.16's GRPOTrainer (defaults and metric names as it has them). Each step samples G completions per prompt from the current policy, scores them with plain
 reward functions, and pushes up the log-probability of the completions that beat their group's mean.
 
     python train_grpo.py config/grpo_tiny.py                       # offline: arithmetic prompts after SFT
@@ -50,7 +50,7 @@ DEFAULTS = dict(
     prompts_per_step=8, num_generations=8, temperature=1.0, max_completion_length=96,
     # rewards: r_i = sum_k weight_k * reward_k(o_i), functions from REWARD_FUNCTIONS
     reward_weights={"accuracy": 1.0, "format": 1.0},
-    # the GRPO objective (TRL's defaults)
+    # the GRPO objective (TRL 1.16's defaults)
     loss_type="dapo",  # dapo (TRL 1.16's default) | grpo | bnpo | dr_grpo
     epsilon=0.2, epsilon_high=None,  # the clip range [1 - epsilon, 1 + epsilon_high]; None: epsilon (DAPO's clip-higher)
     beta=0.0, use_bias_correction_kl=True,  # the KL term times the ratio pi/pi_old (TRL 1.16's default)
@@ -336,7 +336,7 @@ def main(argv=None):
     if cfg.beta != 0.0:
         reference = ckpt.load_model(start_from, run.device)[0] if resuming else copy.deepcopy(model)
         reference.requires_grad_(False).eval()
-    stop_ids = [tok.special_id("<|im_end|>"), tok.eos_id]
+    stop_ids = [tok.end_of_turn_id, tok.eos_id]
     test_prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in test_examples]
     optimizer, start_step = make_optimizer(cfg, run, model, checkpoint if resuming else None)
     ddp_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None,

@@ -493,3 +493,58 @@ def test_every_shipped_config_names_the_data_it_trains_on(name):
     arguments, data_dir = prepare_data.training_config_arguments(os.path.join(ROOT, "config", name))
     assert data_dir in [os.path.normpath(d) for d in prepare_data.output_dirs(common.load_config(
         prepare_data.config, arguments)) if d]
+
+
+# the shape of SmallDoge's Doge-tokenizer template (its model card): a header per turn, turns ended by
+# <|end_of_text|> and a blank line, the conversation opened by <|begin_of_text|>
+DOGE_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n{{ message['content'] }}<|end_of_text|>\n\n"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def templated_tokenizer_dir(tmp_path_factory, corpus):
+    """A local Hugging Face tokenizer (tokenizer.json + tokenizer_config.json) carrying a Doge-style template."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    directory = tmp_path_factory.mktemp("templated")
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<think>", "</think>", "<answer>", "</answer>"]  # reasoning tags too, as in Doge-tokenizer
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator([corpus[0][:50_000]], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    hf.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(dict(
+        chat_template=DOGE_STYLE_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+        tokenizer_class="PreTrainedTokenizerFast")))
+    return directory
+
+
+def test_chat_template_of_a_hugging_face_tokenizer_equals_apply_chat_template(templated_tokenizer_dir, tmp_path):
+    """render_chat with the tokenizer's own template: transformers' ids token for token, the mask on each reply and
+    its <|end_of_text|>, the end of a turn known; kept through save and load."""
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.PreTrainedTokenizerFast.from_pretrained(str(templated_tokenizer_dir))
+    tok = tk.load_tokenizer(str(templated_tokenizer_dir))
+    assert tok.end_of_turn_id == reference.convert_tokens_to_ids("<|end_of_text|>")
+    conversation = [dict(role="system", content="You are terse."), dict(role="user", content="What is 12 + 7?"),
+                    dict(role="assistant", content="<think>2+7=9, 1+0=1</think><answer>19</answer>"),
+                    dict(role="user", content="And 3 * 4?"), dict(role="assistant", content="12")]
+    for messages, generation_prompt in ((conversation, False), (conversation[:4], True)):
+        expected = reference.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
+        expected = expected["input_ids"] if not isinstance(expected, list) else expected
+        ids, mask = tk.render_chat(tok, messages, add_generation_prompt=generation_prompt)
+        assert ids == list(expected)
+    ids, mask = tk.render_chat(tok, conversation)
+    learned = [i for i, m in zip(ids, mask) if m]
+    replies = [tok.encode(conversation[2]["content"]), tok.encode("12")]
+    assert tok.decode(learned) == "<think>2+7=9, 1+0=1</think><answer>19</answer><|end_of_text|>12<|end_of_text|>"
+    assert learned.count(tok.end_of_turn_id) == 2 and len(learned) == sum(len(r) + 1 for r in replies)
+    # a DPO pair: the whole conversation rendered once (one <|begin_of_text|>), only the final reply learned
+    (pair_ids, pair_mask), _ = prepare_data.render_pair(tok, conversation[:4], "12", "13")
+    assert pair_ids == ids and tok.decode([i for i, m in zip(pair_ids, pair_mask) if m]) == "12<|end_of_text|>"
+    tok.save(str(tmp_path))
+    again = tk.load_tokenizer(str(tmp_path))
+    assert again.chat_template == DOGE_STYLE_TEMPLATE and tk.render_chat(again, conversation) == (ids, mask)
