@@ -1,7 +1,8 @@
 """
 Reinforcement learning with verifiable rewards: GRPO (DeepSeekMath, arXiv 2402.03300), in the conventions of
-TRL 1.16's GRPOTrainer (defaults and metric names as it has them). Each step samples G completions per prompt from the current policy, scores them with plain
-reward functions, and pushes up the log-probability of the completions that beat their group's mean.
+TRL 1.16's GRPOTrainer (its defaults and metric names). Each step samples G completions per prompt from the
+current policy, scores them with plain reward functions, and pushes up the log-probability of the completions
+that beat their group's mean.
 
     python train_grpo.py config/grpo_tiny.py                       # offline: arithmetic prompts after SFT
     python train_grpo.py config/grpo_doge_20m.py

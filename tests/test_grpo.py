@@ -302,3 +302,48 @@ def test_offline_chain_runs_end_to_end(tmp_path):
                  "== after GRPO (step 2): accuracy", "== the chain in"):
         assert line in result.stdout, line
     assert ckpt.checkpoint_paths(str(tmp_path / "out" / "grpo"))
+
+
+def _two_process_grpo_step(rank, port, path):
+    """One of two gloo processes: its half of the 8 completions through DDP; rank 0 saves loss and gradient."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=3)
+    ddp = DDP(model, broadcast_buffers=False)
+    mine = slice(4 * rank, 4 * rank + 4)
+    loss, _ = train_grpo.policy_backward(ddp, ids[mine], mask[mine], advantages[mine], None, None, cfg, 2,
+                                         contextlib.nullcontext, torch.amp.GradScaler("cpu", enabled=False))
+    total = torch.tensor(loss)
+    dist.all_reduce(total)
+    if rank == 0:
+        torch.save((total.item(), [p.grad for p in model.parameters()]), path)
+    dist.destroy_process_group()
+
+
+def _grpo_step_inputs(batch_size):
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = Doge(DogeConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(40, (8, 12))
+    mask = (torch.arange(11)[None] < torch.tensor([3, 11, 5, 7, 2, 9, 1, 4])[:, None]).int()  # 26 and 16 tokens
+    advantages = torch.randn(8)
+    cfg = SimpleNamespace(batch_size=batch_size, temperature=1.0, epsilon=0.2, epsilon_high=None, beta=0.0,
+                          loss_type="dapo", max_completion_length=11, use_bias_correction_kl=True)
+    return model, ids, mask, advantages, cfg
+
+
+def test_two_processes_take_the_step_of_one(tmp_path):
+    """The same 8 completions on 1 process, or split over 2 (gloo, DDP): the same step loss and gradient (dapo's
+    token count is all-reduced; DDP's average is undone by world_size)."""
+    import torch.multiprocessing as mp
+    model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=8)
+    loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, None, None, cfg, 1, contextlib.nullcontext,
+                                         torch.amp.GradScaler("cpu", enabled=False))
+    path = str(tmp_path / "rank0.pt")
+    mp.spawn(_two_process_grpo_step, args=(29561, path), nprocs=2)
+    two_loss, two_grads = torch.load(path)
+    assert two_loss == pytest.approx(loss, rel=1e-5)
+    for p, g in zip(model.parameters(), two_grads):
+        assert torch.allclose(p.grad, g, rtol=1e-4, atol=1e-7)
