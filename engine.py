@@ -115,7 +115,7 @@ class Engine:
         cache = KVCache(model.config.num_hidden_layers, idx.size(1) + max_new_tokens, padding)
         seen = idx if padding is None else torch.where(padding, idx[:, -1:], idx)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        pending, w = [], None  # steps made since the last stop check: (next ids, finished after it)
+        pending, w, next_ids = [], None, None  # pending: steps since the last stop check, (ids, all finished)
         for step in range(max_new_tokens):
             if step == 0:  # the prompt, every position at once, through the model's own layers
                 x = model.hidden_states(idx, cache)[0][:, -1]

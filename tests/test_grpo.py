@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-import common
 import train_grpo
 import train_sft
 from model import Doge, DogeConfig

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-import common
 import sample
 from engine import Engine
 import tokenizer as tk
@@ -321,7 +320,7 @@ def test_default_samples_the_model_trained_last(tmp_path, monkeypatch, model, to
     sample.main(cfg)
     captured = capsys.readouterr()
     assert captured.err.splitlines()[0].startswith("sampling out/sft/hf (the model trained last")
-    expected = sample.main([f"--init_from=out/sft/hf", *cfg]) or capsys.readouterr().out
+    expected = sample.main(["--init_from=out/sft/hf", *cfg]) or capsys.readouterr().out
     assert captured.out == expected
     os.utime("out/pt/ckpt_0000010.pt", (3e9, 3e9))  # now the pre-training checkpoint is the newest
     sample.main(cfg)

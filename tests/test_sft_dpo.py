@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import checkpoint as ckpt
-import common
 import post_training
 import train_dpo
 import train_grpo
