@@ -317,6 +317,7 @@ def _two_process_grpo_step(rank, port, path):
     dist.all_reduce(total)
     if rank == 0:
         torch.save((total.item(), [p.grad for p in model.parameters()]), path)
+    dist.barrier()  # both done before either tears the group down
     dist.destroy_process_group()
 
 
