@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole offline pipeline on a laptop CPU: data -> pre-training -> SFT -> DPO -> GRPO -> a sampled answer,
-# in under 20 minutes on 2 cores, printing each stage's number as it ends:
+# in under 20 minutes on 2 cores, printing each stage's number as it ends, and a report at the end
+# ($OUT/report.md, report.json, report.png: python report.py --out_dir=$OUT makes it again from the run dirs):
 #   pre-training: held-out val loss            SFT: arithmetic answer accuracy (greedy, exact match)
 #   DPO: held-out preference accuracy, and the answer accuracy of its model (GRPO's step-0 evaluation)
 #   GRPO: answer accuracy and the held-out mean reward, at its start and its end
@@ -15,6 +16,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 OUT=${OUT:-out}
 DATA=${DATA:-data}
 SUMMARY=()
+TIMES=()
 START=$SECONDS
 
 stage() {  # stage <name> <command...>: run it, and remember how long it took
@@ -23,6 +25,7 @@ stage() {  # stage <name> <command...>: run it, and remember how long it took
     echo "== $name: $*"
     "$@"
     SUMMARY+=("$(printf '%-13s %4ds' "$name" $((SECONDS - begin)))")
+    TIMES+=("\"$name\": $((SECONDS - begin))")
 }
 
 metric() {  # metric <stage> <log.jsonl> <first|last> <keys...>: print (and remember) an evaluation record
@@ -42,13 +45,13 @@ EOF
 }
 
 stage prepare python prepare_data.py --out_dir="$DATA"
-stage pre-training python train_pt.py config/doge_tiny.py --data_dir="$DATA/shakespeare" --out_dir="$OUT/pt" "$@" ${PT_ARGS:-}
+stage pretrain python train_pt.py config/doge_tiny.py --data_dir="$DATA/shakespeare" --out_dir="$OUT/pt" "$@" ${PT_ARGS:-}
 metric "val loss" "$OUT/pt/log.jsonl" last val_loss
-stage SFT python train_sft.py config/sft_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/pt" --out_dir="$OUT/sft" "$@" ${SFT_ARGS:-}
+stage sft python train_sft.py config/sft_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/pt" --out_dir="$OUT/sft" "$@" ${SFT_ARGS:-}
 metric "after SFT" "$OUT/sft/log.jsonl" last accuracy
-stage DPO python train_dpo.py config/dpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/sft" --out_dir="$OUT/dpo" "$@" ${DPO_ARGS:-}
+stage dpo python train_dpo.py config/dpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/sft" --out_dir="$OUT/dpo" "$@" ${DPO_ARGS:-}
 metric "after DPO" "$OUT/dpo/log.jsonl" last val_rewards/accuracies
-stage GRPO python train_grpo.py config/grpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/dpo" --out_dir="$OUT/grpo" "$@" ${GRPO_ARGS:-}
+stage grpo python train_grpo.py config/grpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/dpo" --out_dir="$OUT/grpo" "$@" ${GRPO_ARGS:-}
 metric "after DPO" "$OUT/grpo/log.jsonl" first accuracy reward
 metric "after GRPO" "$OUT/grpo/log.jsonl" last accuracy reward
 stage sample bash -c "echo 'What is 27 + 58?' | python sample.py --init_from='$OUT/grpo' --chat --temperature=0"
@@ -56,3 +59,5 @@ stage sample bash -c "echo 'What is 27 + 58?' | python sample.py --init_from='$O
 echo
 echo "== the chain in $((SECONDS - START)) s"
 printf '%s\n' "${SUMMARY[@]}"
+echo "{$(IFS=,; echo "${TIMES[*]}"), \"total\": $((SECONDS - START))}" > "$OUT/seconds.json"
+python report.py --out_dir="$OUT"

@@ -209,8 +209,6 @@ def main(argv=None):
                 "val_rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
                 "val_logps/accuracies": (policy[:, 0] > policy[:, 1]).float().mean().item()}
 
-    if checkpoint is None and run.master:
-        print("before DPO: " + " | ".join(f"{k} {v:.4f}" for k, v in evaluate(model).items()), flush=True)
     train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint, stage="dpo")
     if run.world_size > 1:
         dist.destroy_process_group()

@@ -106,12 +106,13 @@ def main(argv=None):
                          f"{model.config.max_position_embeddings}")
     grad_accum = grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, run.world_size)
     rows_per_step = cfg.batch_size * grad_accum * run.world_size
+    unigram = unigram_loss(train_data, val_data, model.config.vocab_size)
     if run.master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"{n_params / 1e6:.2f}M parameters | {cfg.batch_tokens:,} tokens per step = "
               f"{cfg.batch_size} x {cfg.seq_len} x {run.world_size} processes x {grad_accum} accumulation | "
               f"{run.device} {run.dtype} | train {len(train_data):,} tokens | unigram baseline val loss "
-              f"{unigram_loss(train_data, val_data, model.config.vocab_size):.3f}")
+              f"{unigram:.3f}")
 
     def batch_loss(model, step, micro_step):
         starts = batch_rows(cfg.seed, step, rows_per_step, len(train_data) - cfg.seq_len - 1)
@@ -130,7 +131,7 @@ def main(argv=None):
             with run.autocast():
                 losses.append(model(x, y)[1].item())
         model.train()
-        return dict(val_loss=sum(losses) / len(losses))
+        return dict(val_loss=sum(losses) / len(losses), unigram_val_loss=unigram)  # the bar to clear, beside it
 
     train(cfg, run, model, tok, batch_loss, evaluate, cfg.batch_tokens, grad_accum, checkpoint, stage="pt")
     if run.world_size > 1:

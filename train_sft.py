@@ -118,8 +118,6 @@ def main(argv=None):
         model.train()
         return metrics
 
-    if checkpoint is None and run.master:
-        print("before SFT: " + " | ".join(f"{k} {v:.4f}" for k, v in evaluate(model).items()), flush=True)
     train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint, stage="sft")
     if run.world_size > 1:
         dist.destroy_process_group()

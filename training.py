@@ -178,7 +178,8 @@ def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accu
     """Optimise model for steps [start, max_steps). batch_loss(model, step, micro_step) -> (loss, metrics)
     must pick its batch as a pure function of (seed, step, micro_step, rank): with the step, model,
     optimizer and RNG restored from a checkpoint, a resumed run then repeats the uninterrupted one exactly.
-    evaluate(model) -> metrics runs on every rank (ZeRO-3 needs all of them for a forward pass)."""
+    evaluate(model) -> metrics runs on every rank (ZeRO-3 needs all of them for a forward pass), once before the
+    first step (logged with before=True) and every eval_interval steps."""
     raw_model = model
     flops_per_step = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step
     optimizer, start_step = make_optimizer(cfg, run, raw_model, checkpoint)
@@ -204,6 +205,11 @@ def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accu
     peak_flops = common.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     truncate_log(run, log_path, lambda record: record["step"] < start_step)
+    if start_step == 0:  # the numbers every later evaluation is compared with
+        with gathered_parameters(cfg, raw_model):
+            metrics = evaluate(raw_model)
+        log(run, log_path, dict(step=0, before=True, **metrics),
+            "before training | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if start_step >= cfg.max_steps:
         print(f"already trained to max_steps={cfg.max_steps}")
     step_start, timed_from = time.perf_counter(), start_step

@@ -301,6 +301,20 @@ def test_offline_chain_runs_end_to_end(tmp_path):
                  "== after GRPO (step 2): accuracy", "== the chain in"):
         assert line in result.stdout, line
     assert ckpt.checkpoint_paths(str(tmp_path / "out" / "grpo"))
+    # the report: a table row per stage with its time, numbers and a sampled answer; the JSON tools read
+    report = json.load(open(tmp_path / "out" / "report.json"))
+    assert set(report["seconds"]) == {"prepare", "pretrain", "sft", "dpo", "grpo", "sample", "total"}
+    keys = {"pretrain": {"val_loss", "unigram_val_loss"}, "sft": {"accuracy_before", "accuracy_after"},
+            "dpo": {"preference_accuracy_before", "preference_accuracy_after", "accuracy_after"},
+            "grpo": {"accuracy_before", "accuracy_after", "reward_before", "reward_after"}}
+    for stage, names in keys.items():
+        assert set(report[stage]) == names and all(isinstance(v, float) for v in report[stage].values())
+    assert report["dpo"]["preference_accuracy_before"] == 0.0  # policy = reference before DPO: every reward 0
+    table = open(tmp_path / "out" / "report.md").read().splitlines()
+    rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"stage", "prepare", "pretrain", "sft", "dpo", "grpo", "sample"}
+    assert " s |" in rows["sft"] and "->" in rows["sft"] and rows["grpo"].count("|") == 6
+    assert os.path.getsize(tmp_path / "out" / "report.png") > 1000
 
 
 def _two_process_grpo_step(rank, port, path):

@@ -6,7 +6,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(name[:-3] for name in os.listdir(ROOT) if name.endswith(".py"))
 STAGE_SCRIPTS = {"prepare_data", "train_pt", "train_sft", "train_dpo", "train_grpo", "sample"}
-TOOLS = {"bench"}  # measures the scripts' pieces (prepare_data's corpus too); nothing imports it
+TOOLS = {"bench", "report"}  # measure or report on the scripts' work (bench reads prepare_data's corpus); nothing imports them
 
 def imports(module):
     """Top-level names of every module `module` imports, anywhere in its source (lazy imports included)."""
