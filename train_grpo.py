@@ -33,7 +33,7 @@ from model import left_pad
 from post_training import token_logprobs, evaluate_accuracy
 from tokenizer import render_chat, extract_answer, normalize_answer
 from training import (setup_training, make_optimizer, training_state, save_training_state, stop_requests,
-                      check_finite, log, truncate_log, export)
+                      save_or_stop, check_finite, log, truncate_log, export)
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
     import math_verify
@@ -452,10 +452,7 @@ def main(argv=None):
             last_step = step == cfg.max_steps - 1
             if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
                 log_eval(step + 1)
-            if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
-                save(step + 1)
-            if stop_signal:
-                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+            if save_or_stop(cfg, step, stop_signal, save):
                 break
     if run.master and not stop_signal:
         export(cfg)

@@ -139,6 +139,15 @@ def save_training_state(cfg, run, state):
     if run.master:
         print(f"saved {ckpt.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
 
+def save_or_stop(cfg, step, stop_signal, save):
+    """End of a step: save(step + 1) every ckpt_interval steps, at the last step and when a stop was asked for;
+    True when the loop must stop (a SIGINT/SIGTERM arrived)."""
+    if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or step == cfg.max_steps - 1 or stop_signal:
+        save(step + 1)
+    if stop_signal:
+        print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+    return bool(stop_signal)
+
 def check_finite(loss, grad_norm, step, cfg, run):
     """Stop loudly on a NaN/inf loss or gradient (fp16 overflows are the GradScaler's to skip); a NaN on any rank
     reaches every rank's grad norm through the all-reduce, so all ranks stop together."""
@@ -267,10 +276,7 @@ def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accu
                 log(run, log_path, dict(step=step, **metrics),
                     f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
                 step_start, timed_from = time.perf_counter(), step + 1
-            if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or last_step or stop_signal:
-                save(step + 1)
-            if stop_signal:
-                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+            if save_or_stop(cfg, step, stop_signal, save):
                 break
     if run.master and not stop_signal:
         export(cfg)
