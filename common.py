@@ -1,11 +1,12 @@
 """
-What every nanodoge script shares, once: errors and the entry point, atomic writes, token files, config
-parsing, devices and precision, and the learning-rate schedule. Plain functions that import nothing else of
+What every nanodoge script shares, once: errors and the entry point, atomic writes, token files, dataset rows
+(local files and the hub), config parsing, devices and precision, and the learning-rate schedule. Plain functions that import nothing else of
 the project (checkpoint.py, training.py and post_training.py build on them).
 """
 import os
 import sys
 import ast
+import json
 import math
 import time
 import difflib
@@ -114,6 +115,58 @@ def read_ragged(prefix):
         raise ValueError(f"{prefix}.* do not belong together (token, mask and offset counts differ): "
                          "re-run prepare_data.py --force")
     return tokens, mask, offsets
+
+# -----------------------------------------------------------------------------
+# dataset rows: a local .jsonl / .parquet file, or a hub dataset (offline, a one-line error in seconds)
+
+def local_rows(path):
+    """Rows (dicts) of a .jsonl or .parquet file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__})") from None
+        return
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}:{line_number} is not valid JSON (expected one object per line)") from None
+
+def hub_rows(path, config_name, split, offline_hint, streaming=True):
+    """Rows of a hub dataset, streamed (or downloaded once into datasets' cache); offline it fails in seconds
+    with offline_hint, the one line that says what to do instead."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
+        os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
+    if offline or not hub_reachable():  # datasets itself would retry for ~25 s before giving up
+        raise ValueError(offline_hint)
+    import datasets
+
+    def rows():
+        try:
+            yield from datasets.load_dataset(path, config_name, split=split, streaming=streaming)
+        except (ConnectionError, OSError):
+            raise ValueError(offline_hint) from None
+        except Exception as e:
+            raise ValueError(f"hub dataset {path} ({config_name}, {split}) failed: {type(e).__name__}: "
+                             f"{str(e)[:100]}") from None
+    return rows()
+
+def hub_reachable():
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
 
 # -----------------------------------------------------------------------------
 # config: nanoGPT's recipe (defaults, then a Python config file, then --key=value), except that a key

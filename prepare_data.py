@@ -77,64 +77,18 @@ def is_local_file(source):
     return source.endswith((".txt", ".jsonl", ".json", ".parquet")) or os.path.exists(source)
 
 
-def local_rows(path):
-    """Rows (dicts) of a .jsonl or .parquet file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist")
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-        try:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
-        except Exception as e:
-            raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__})") from None
-        return
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{line_number} is not valid JSON (expected one object per line)") from None
-
-
 def hub_rows(name, path, config_name, split, flag):
     """Rows of a hub dataset, streamed; offline it fails in seconds with what to do instead."""
-    offline_hint = (f"cannot reach the Hugging Face Hub for --{flag}={name}: offline, use the built-in default "
-                    f"(plain `python prepare_data.py`) or pass a local file in the same schema, "
-                    f"--{flag}=path/to/file.jsonl or .parquet")
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
-        os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
-    if offline or not hub_reachable():  # datasets itself would retry for ~25 s before giving up
-        raise ValueError(offline_hint)
-    import datasets
-
-    def stream():
-        try:
-            yield from datasets.load_dataset(path, config_name, split=split, streaming=True)
-        except (ConnectionError, OSError):
-            raise ValueError(offline_hint) from None
-        except Exception as e:
-            raise ValueError(f"hub dataset {path} ({config_name}, {split}) failed: {type(e).__name__}: "
-                             f"{str(e)[:100]}") from None
-    return stream()
-
-
-def hub_reachable():
-    import socket
-    from urllib.parse import urlparse
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
+    return common.hub_rows(path, config_name, split, offline_hint=(
+        f"cannot reach the Hugging Face Hub for --{flag}={name}: offline, use the built-in default "
+        f"(plain `python prepare_data.py`) or pass a local file in the same schema, "
+        f"--{flag}=path/to/file.jsonl or .parquet"))
 
 
 def rows(source, hub_table, flag):
     """Rows of a local file or of a hub dataset given by short name (hub_table) or hub id."""
     if is_local_file(source):
-        return local_rows(source)
+        return common.local_rows(source)
     if source in hub_table:
         return hub_rows(source, *hub_table[source][:3], flag)
     if source.count("/") == 1:
@@ -187,7 +141,7 @@ def pretraining_documents(dataset):
                 raise FileNotFoundError(f"{dataset} does not exist")
             with open(dataset, encoding="utf-8") as f:
                 return iter([f.read()]), dataset, False
-        return (text_of(row, dataset) for row in local_rows(dataset)), dataset, False
+        return (text_of(row, dataset) for row in common.local_rows(dataset)), dataset, False
     if dataset == "smollm-mix":
         return mixed_documents(SMOLLM_MIX), f"smollm-mix {SMOLLM_MIX}", True
     if dataset in PRETRAINING_HUB or dataset.count("/") == 1:
