@@ -1,7 +1,8 @@
 """
 What every nanodoge script shares, once: errors and the entry point, atomic writes, token files, dataset rows
-(local files and the hub), config parsing, devices and precision, and the learning-rate schedule. Plain functions that import nothing else of
-the project (checkpoint.py, training.py and post_training.py build on them).
+(local files and the hub), config parsing, devices and precision, and the learning-rate schedule. Plain
+functions that import nothing else of the project (checkpoint.py, training.py and post_training.py build on
+them).
 """
 import os
 import sys

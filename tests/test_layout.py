@@ -6,7 +6,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = sorted(name[:-3] for name in os.listdir(ROOT) if name.endswith(".py"))
 STAGE_SCRIPTS = {"prepare_data", "train_pt", "train_sft", "train_dpo", "train_grpo", "sample"}
-TOOLS = {"bench", "report"}  # measure or report on the scripts' work (bench reads prepare_data's corpus); nothing imports them
+TOOLS = {"bench", "report", "eval"}  # measure or report on the scripts' work (bench reads prepare_data's corpus); nothing imports them
 
 def imports(module):
     """Top-level names of every module `module` imports, anywhere in its source (lazy imports included)."""
@@ -28,6 +28,7 @@ def test_imports_go_one_way():
     assert project["model"] == set() and project["common"] == set()
     for script in STAGE_SCRIPTS:
         assert not project[script] & STAGE_SCRIPTS, (script, project[script] & STAGE_SCRIPTS)
+    assert not project["eval"] & (STAGE_SCRIPTS | TOOLS), project["eval"]  # the model's forward and shared loaders only
     for module in set(MODULES) - STAGE_SCRIPTS - TOOLS:
         assert not project[module] & (STAGE_SCRIPTS | TOOLS), (module, project[module] & (STAGE_SCRIPTS | TOOLS))
     # no cycles: repeatedly peel off the modules whose imports are all peeled already
