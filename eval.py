@@ -313,7 +313,8 @@ def greedy_answers(model, tok, contexts, stops, max_new_tokens, batch_size):
     """Greedy continuations of the contexts, cut at the first stop string and stripped: lm-eval's generate_until
     (models/huggingface.py: the context keeps its last max_length - max_gen_toks tokens, the decoded text without
     special tokens is cut at each stop string) and the remove_whitespace filter. Left-padded batches of similar
-    length through engine.Engine."""
+    length through engine.Engine, which picks among the tokenizer's ids only (lm-eval's backend would also pick
+    the rows of a model's vocabulary padded beyond its tokenizer's)."""
     room = model.config.max_position_embeddings - max_new_tokens
     prompts = [ids[-room:] for ids in tok.encode_batch(contexts)]
     stop_ids = stop_token_ids(tok, stops)
