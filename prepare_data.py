@@ -38,6 +38,7 @@ config = dict(
     sft="arithmetic",
     dpo="arithmetic",
     grpo="arithmetic",
+    arithmetic_digits=2,  # the curriculum's longest operand; 3 or 4 make it harder (and slower to learn)
     # sentencepiece (BPE trained here) | gpt2 (tiktoken) | a tokenizer.json path or hub id | a prepared data
     # directory (reuse its tokenizer, e.g. data/shakespeare, so post-training data matches a pre-trained model)
     tokenizer="sentencepiece",
@@ -247,16 +248,21 @@ TEMPLATES = {
 }
 
 
-def random_problem(rng):
-    """(op, a, b): operands of mostly 1-2 digits, some 3; multiplication by a single digit."""
+def random_problem(rng, digits):
+    """(op, a, b): operands of 1 to `digits` digits, more of them long than short; multiplication by a single
+    digit."""
     op = rng.choice("+-*")
-    number = lambda digits: rng.randint(10 ** (digits - 1) if digits > 1 else 1, 10 ** digits - 1)
+    lengths = range(1, digits + 1)
+
+    def number():
+        n = rng.choices(lengths, weights=lengths)[0]
+        return rng.randint(10 ** (n - 1) if n > 1 else 1, 10 ** n - 1)
+
     if op == "*":
-        a, b = number(rng.choices([1, 2, 3], [0.25, 0.6, 0.15])[0]), rng.randint(2, 9)
-    else:
-        a, b = (number(rng.choices([1, 2, 3], [0.3, 0.5, 0.2])[0]) for _ in range(2))
-        if op == "-" and a < b:
-            a, b = b, a  # answers stay non-negative
+        return op, number(), rng.randint(2, 9)
+    a, b = number(), number()
+    if op == "-" and a < b:
+        a, b = b, a  # answers stay non-negative
     return op, a, b
 
 
@@ -266,14 +272,20 @@ def problem_key(problem):
     return (op, min(a, b), max(a, b)) if op in "+*" else problem
 
 
+def columns(problem):
+    op, a, b = problem
+    return len(str(a)) if op == "*" else max(len(str(a)), len(str(b)))
+
+
 def worked_solution(problem, mistake=None):
     """(steps, answer): column-by-column working, right to left, as a pupil writes it. mistake = ("drop", i)
     forgets the carry (or borrow) out of column i; ("slip", i, d) gets column i's result wrong by d. Later
     steps follow from the mistake, so a wrong solution is consistent with its wrong answer."""
     op, a, b = problem
     top, bottom = [int(c) for c in str(a)[::-1]], [int(c) for c in str(b)[::-1]]
-    lines, written, carry = [], [], 0
-    for i in range(len(top) if op == "*" else max(len(top), len(bottom))):
+    # the sum restated first: each column's digits are then a short, fixed distance back
+    lines, written, carry = [f"{a}{op}{b}"], [], 0
+    for i in range(columns(problem)):
         x, y = top[i] if i < len(top) else 0, bottom[i] if i < len(bottom) else 0
         slip = mistake[2] if mistake and mistake[:2] == ("slip", i) else 0
         if op == "+":
@@ -304,9 +316,9 @@ def worked_solution(problem, mistake=None):
 def wrong_solution(problem, rng):
     """A plausible wrong worked solution: a dropped carry/borrow or a column off by one."""
     steps, answer = worked_solution(problem)
-    columns = len(steps.split("\n")) - 1
-    mistakes = [("drop", i) for i, line in enumerate(steps.split("\n")[:columns]) if "carry" in line or "borrow" in line]
-    mistakes += [("slip", i, d) for i in range(columns) for d in (-1, 1)]
+    column_lines = steps.split("\n")[1:1 + columns(problem)]
+    mistakes = [("drop", i) for i, line in enumerate(column_lines) if "carry" in line or "borrow" in line]
+    mistakes += [("slip", i, d) for i in range(len(column_lines)) for d in (-1, 1)]
     rng.shuffle(mistakes)
     for mistake in mistakes:
         try:
@@ -327,7 +339,7 @@ def question(problem, rng):
     return rng.choice(TEMPLATES[op]).format(a=a, b=b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
 
 
-def arithmetic_problems(seed):
+def arithmetic_problems(seed, digits):
     """{split: [(op, a, b), ...]}: held-out splits first, unique and mutually disjoint; training splits
     never contain a held-out problem (in either operand order)."""
     rng = random.Random(seed)
@@ -335,7 +347,7 @@ def arithmetic_problems(seed):
     for split, size in SPLIT_SIZES.items():
         seen, problems = set(held_out), []
         while len(problems) < size:
-            problem = random_problem(rng)
+            problem = random_problem(rng, digits)
             if problem_key(problem) not in seen:
                 seen.add(problem_key(problem))
                 problems.append(problem)
@@ -345,14 +357,14 @@ def arithmetic_problems(seed):
     return splits
 
 
-def arithmetic_sets(seed):
+def arithmetic_sets(seed, digits):
     """The curriculum as {set name: [example]} in the shapes the post-training sources produce:
     sft -> messages, dpo -> (prompt messages, chosen, rejected), grpo/test -> {"messages", "answer"}."""
     rng = random.Random(seed + 1)
     system = {"role": "system", "content": tk.SYSTEM_PROMPT}
     prompt = lambda p: [system, {"role": "user", "content": question(p, rng)}]
     correct = lambda p: format_solution(*worked_solution(p))
-    problems = arithmetic_problems(seed)
+    problems = arithmetic_problems(seed, digits)
     sets = {}
     for split in ("sft_train", "sft_val"):
         sets[split] = [prompt(p) + [{"role": "assistant", "content": correct(p)}] for p in problems[split]]
@@ -430,7 +442,7 @@ def last_boxed(text):
 def post_training_sets(args):
     """{set name: [example]} for every source that is not none; held-out sets every VAL_EVERY-th example."""
     sources = {"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo}
-    curriculum = arithmetic_sets(args.seed) if "arithmetic" in sources.values() else None
+    curriculum = arithmetic_sets(args.seed, args.arithmetic_digits) if "arithmetic" in sources.values() else None
     convert = {"sft": sft_example, "dpo": dpo_example, "grpo": grpo_example}
     held_out = {"sft": "sft_val", "dpo": "dpo_val", "grpo": "test"}
     sets = {}
@@ -544,7 +556,8 @@ def main(argv=None):
     tokenizer_setting = f"sentencepiece {args.vocab_size}" if train_tokenizer else args.tokenizer
     pre_settings = {"dataset": args.dataset, "tokenizer": tokenizer_setting, "max_tokens": args.max_tokens}
     post_settings = {"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo, "tokenizer": tokenizer_setting,
-                     "max_examples": args.max_examples, "seed": args.seed}
+                     "max_examples": args.max_examples, "seed": args.seed,
+                     "arithmetic_digits": args.arithmetic_digits}
     if train_tokenizer:  # trained on the corpus and the post-training text, so both sets are made together
         post_settings["dataset"] = args.dataset
     pre_todo = bool(pre_dir) and not already_done(pre_dir, pre_settings, args.force)

@@ -377,7 +377,8 @@ def check_worked_solution(problem, steps, answer):
     """Each column uses the problem's digits and the previous carry/borrow, its arithmetic is right, and the
     written digits, read back, are the answer -- which is the true result."""
     op, a, b = problem
-    *columns, final = steps.split("\n")
+    restated, *columns, final = steps.split("\n")
+    assert restated == f"{a}{op}{b}"
     top, bottom = str(a)[::-1], str(b)[::-1]
     digit_of = lambda number, i: int(number[i]) if i < len(number) else 0
     carry, digits = 0, []
@@ -401,8 +402,9 @@ def check_worked_solution(problem, steps, answer):
     assert final == f"{a}{op}{b}={answer}"
 
 
-def test_curriculum_answers_are_correct_and_test_is_held_out():
-    problems = prepare_data.arithmetic_problems(seed=1337)
+@pytest.mark.parametrize("digits", [2, 3])
+def test_curriculum_answers_are_correct_and_test_is_held_out(digits):
+    problems = prepare_data.arithmetic_problems(seed=1337, digits=digits)
     assert {k: len(v) for k, v in problems.items()} == prepare_data.SPLIT_SIZES
     for split in problems.values():
         for problem in split:
@@ -413,7 +415,11 @@ def test_curriculum_answers_are_correct_and_test_is_held_out():
         assert not train & set(problems[held_out])
     assert len(set(problems["test"])) == 200
     assert {op for op, _, _ in problems["sft_train"]} == set("+-*")
-    assert problems == prepare_data.arithmetic_problems(seed=1337) != prepare_data.arithmetic_problems(seed=1)
+    # operands up to `digits` long, and that long in every operation
+    for op in "+-*":
+        longest = max(len(str(a)) for problem_op, a, _ in problems["sft_train"] if problem_op == op)
+        assert longest == digits
+    assert problems == prepare_data.arithmetic_problems(1337, digits) != prepare_data.arithmetic_problems(1, digits)
 
 
 def test_curriculum_files(default_data):
