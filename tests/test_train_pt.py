@@ -66,7 +66,7 @@ def test_loss_decreases(data_dir, tmp_path):
     val = log_records(tmp_path, "val_loss")
     train, held_out = (common.read_array(f"{data_dir}/{split}.bin") for split in ("train", "val"))
     unigram = train_pt.unigram_loss(train, held_out, 512)
-    assert val[-1]["val_loss"] < val[0]["val_loss"] and val[-1]["val_loss"] < unigram - 0.3
+    assert val[-1]["val_loss"] < val[0]["val_loss"] and val[-1]["val_loss"] < unigram - 0.1
     assert os.path.exists(f"{tmp_path}/hf/config.json")  # the final export
 
 
