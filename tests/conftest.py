@@ -9,6 +9,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def write_bpe_tokenizer_json(directory, text, vocab_size):
+    """A byte-level BPE tokenizer.json trained on text, written into directory: what SmallDoge publishes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.save(os.path.join(str(directory), "tokenizer.json"))
+
+
 @pytest.fixture(scope="session")
 def tiny_text():
     """~200 kB of English prose that every Python install has: the pydoc topic texts."""

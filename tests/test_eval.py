@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import eval as ev
+from conftest import write_bpe_tokenizer_json
 import tokenizer as tk
 from checkpoint import load_model
 from model import Doge, DogeConfig
@@ -77,13 +78,8 @@ def samples(tmp_path_factory):
 def hf_dir(tmp_path_factory, tiny_text):
     """A save_pretrained directory with a byte-level BPE tokenizer.json, as SmallDoge publishes them (and a
     tokenizer_config.json naming the end-of-text token, which lm-eval's backend needs)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     path = tmp_path_factory.mktemp("hf")
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    hf.train_from_iterator([tiny_text[:60_000]], trainers.BpeTrainer(
-        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    hf.save(str(path / "tokenizer.json"))
+    write_bpe_tokenizer_json(path, tiny_text[:60_000], 600)
     tok = tk.load_tokenizer(str(path))
     tok.save(str(path))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": tk.EOS,

@@ -11,6 +11,7 @@ import torch
 
 import checkpoint as ckpt
 import sample
+from conftest import write_bpe_tokenizer_json
 from engine import Engine
 import tokenizer as tk
 from model import Doge, DogeConfig, apply_repetition_penalty, sample_next_token
@@ -221,12 +222,7 @@ def test_think_part_is_dimmed_or_hidden(model, tok, monkeypatch, show_think):
 
 def test_hugging_face_directory(tmp_path, tiny_text, capsys, monkeypatch):
     """A save_pretrained directory with a tokenizer.json beside it, as SmallDoge publishes them, and a hub id."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    hf = Tokenizer(models.BPE())
-    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    hf.train_from_iterator([tiny_text[:20_000]], trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    hf.save(str(tmp_path / "tokenizer.json"))
+    write_bpe_tokenizer_json(tmp_path, tiny_text[:20_000], 400)
     hf_tok = tk.load_tokenizer(str(tmp_path))
     torch.manual_seed(0)
     hf_model = Doge(DogeConfig(vocab_size=hf_tok.vocab_size, hidden_size=32, intermediate_size=64,
