@@ -39,6 +39,7 @@ config = dict(
     dpo="arithmetic",
     grpo="arithmetic",
     arithmetic_digits=2,  # the curriculum's longest operand; 3 or 4 make it harder (and slower to learn)
+    arithmetic_ops="+-*",  # its operations (* multiplies by one digit; the tiny model learns it last): "+-" is easier
     # sentencepiece (BPE trained here) | gpt2 (tiktoken) | a tokenizer.json path or hub id | a prepared data
     # directory (reuse its tokenizer, e.g. data/shakespeare, so post-training data matches a pre-trained model)
     tokenizer="sentencepiece",
@@ -248,10 +249,10 @@ TEMPLATES = {
 }
 
 
-def random_problem(rng, digits):
-    """(op, a, b): operands of 1 to `digits` digits, more of them long than short; multiplication by a single
-    digit."""
-    op = rng.choice("+-*")
+def random_problem(rng, digits, ops):
+    """(op, a, b), op one of ops: operands of 1 to `digits` digits, more of them long than short; multiplication
+    by a single digit."""
+    op = rng.choice(ops)
     lengths = range(1, digits + 1)
 
     def number():
@@ -339,7 +340,7 @@ def question(problem, rng):
     return rng.choice(TEMPLATES[op]).format(a=a, b=b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
 
 
-def arithmetic_problems(seed, digits):
+def arithmetic_problems(seed, digits, ops):
     """{split: [(op, a, b), ...]}: held-out splits first, unique and mutually disjoint; training splits
     never contain a held-out problem (in either operand order)."""
     rng = random.Random(seed)
@@ -347,7 +348,7 @@ def arithmetic_problems(seed, digits):
     for split, size in SPLIT_SIZES.items():
         seen, problems = set(held_out), []
         while len(problems) < size:
-            problem = random_problem(rng, digits)
+            problem = random_problem(rng, digits, ops)
             if problem_key(problem) not in seen:
                 seen.add(problem_key(problem))
                 problems.append(problem)
@@ -357,14 +358,14 @@ def arithmetic_problems(seed, digits):
     return splits
 
 
-def arithmetic_sets(seed, digits):
+def arithmetic_sets(seed, digits, ops):
     """The curriculum as {set name: [example]} in the shapes the post-training sources produce:
     sft -> messages, dpo -> (prompt messages, chosen, rejected), grpo/test -> {"messages", "answer"}."""
     rng = random.Random(seed + 1)
     system = {"role": "system", "content": tk.SYSTEM_PROMPT}
     prompt = lambda p: [system, {"role": "user", "content": question(p, rng)}]
     correct = lambda p: format_solution(*worked_solution(p))
-    problems = arithmetic_problems(seed, digits)
+    problems = arithmetic_problems(seed, digits, ops)
     sets = {}
     for split in ("sft_train", "sft_val"):
         sets[split] = [prompt(p) + [{"role": "assistant", "content": correct(p)}] for p in problems[split]]
@@ -442,7 +443,8 @@ def last_boxed(text):
 def post_training_sets(args):
     """{set name: [example]} for every source that is not none; held-out sets every VAL_EVERY-th example."""
     sources = {"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo}
-    curriculum = arithmetic_sets(args.seed, args.arithmetic_digits) if "arithmetic" in sources.values() else None
+    curriculum = (arithmetic_sets(args.seed, args.arithmetic_digits, args.arithmetic_ops)
+                  if "arithmetic" in sources.values() else None)
     convert = {"sft": sft_example, "dpo": dpo_example, "grpo": grpo_example}
     held_out = {"sft": "sft_val", "dpo": "dpo_val", "grpo": "test"}
     sets = {}
@@ -542,6 +544,8 @@ def main(argv=None):
         config_args, trains_on = training_config_arguments(config_path)
         argv = config_args + [arg for arg in argv if arg != config_path]
     args = common.load_config(config, argv)
+    if not args.arithmetic_ops or set(args.arithmetic_ops) - set("+-*"):
+        raise ValueError(f"--arithmetic_ops={args.arithmetic_ops}: use some of + - * (e.g. +-*)")
     t0 = time.time()
     for flag in ("dataset", "sft", "dpo", "grpo"):
         source = getattr(args, flag)
@@ -557,7 +561,7 @@ def main(argv=None):
     pre_settings = {"dataset": args.dataset, "tokenizer": tokenizer_setting, "max_tokens": args.max_tokens}
     post_settings = {"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo, "tokenizer": tokenizer_setting,
                      "max_examples": args.max_examples, "seed": args.seed,
-                     "arithmetic_digits": args.arithmetic_digits}
+                     "arithmetic_digits": args.arithmetic_digits, "arithmetic_ops": args.arithmetic_ops}
     if train_tokenizer:  # trained on the corpus and the post-training text, so both sets are made together
         post_settings["dataset"] = args.dataset
     pre_todo = bool(pre_dir) and not already_done(pre_dir, pre_settings, args.force)

@@ -114,6 +114,8 @@ def test_vocabulary_over_uint16_is_refused(tmp_path):
         tk.train_sentencepiece(["some text"], vocab_size=70_000)
     with pytest.raises(ValueError, match="65536"):
         prepare_data.main([f"--out_dir={tmp_path}", "--vocab_size=70000"])
+    with pytest.raises(ValueError, match="use some of"):
+        prepare_data.main([f"--out_dir={tmp_path}", "--arithmetic_ops=+/"])
     # too small for the corpus's characters: sentencepiece's own error, said in one line
     with pytest.raises(ValueError, match="use a larger vocab_size"):
         tk.train_sentencepiece(["".join(map(chr, range(0x4E00, 0x4F00)))], vocab_size=300)
@@ -402,9 +404,9 @@ def check_worked_solution(problem, steps, answer):
     assert final == f"{a}{op}{b}={answer}"
 
 
-@pytest.mark.parametrize("digits", [2, 3])
-def test_curriculum_answers_are_correct_and_test_is_held_out(digits):
-    problems = prepare_data.arithmetic_problems(seed=1337, digits=digits)
+@pytest.mark.parametrize("digits, ops", [(2, "+-*"), (3, "+-*"), (2, "+-")])
+def test_curriculum_answers_are_correct_and_test_is_held_out(digits, ops):
+    problems = prepare_data.arithmetic_problems(seed=1337, digits=digits, ops=ops)
     assert {k: len(v) for k, v in problems.items()} == prepare_data.SPLIT_SIZES
     for split in problems.values():
         for problem in split:
@@ -414,12 +416,13 @@ def test_curriculum_answers_are_correct_and_test_is_held_out(digits):
     for held_out in ("test", "sft_val", "dpo_val"):
         assert not train & set(problems[held_out])
     assert len(set(problems["test"])) == 200
-    assert {op for op, _, _ in problems["sft_train"]} == set("+-*")
+    assert {op for split in problems.values() for op, _, _ in split} == set(ops)
     # operands up to `digits` long, and that long in every operation
-    for op in "+-*":
+    for op in ops:
         longest = max(len(str(a)) for problem_op, a, _ in problems["sft_train"] if problem_op == op)
         assert longest == digits
-    assert problems == prepare_data.arithmetic_problems(1337, digits) != prepare_data.arithmetic_problems(1, digits)
+    again, other_seed = (prepare_data.arithmetic_problems(seed, digits, ops) for seed in (1337, 1))
+    assert problems == again != other_seed
 
 
 def test_curriculum_files(default_data):
