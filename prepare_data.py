@@ -346,12 +346,16 @@ def arithmetic_problems(seed, digits, ops):
     rng = random.Random(seed)
     held_out, splits = set(), {}
     for split, size in SPLIT_SIZES.items():
-        seen, problems = set(held_out), []
+        seen, problems, misses = set(held_out), [], 0
         while len(problems) < size:
             problem = random_problem(rng, digits, ops)
             if problem_key(problem) not in seen:
                 seen.add(problem_key(problem))
                 problems.append(problem)
+                misses = 0
+            elif (misses := misses + 1) > 100_000:  # the space is used up: say so instead of looping forever
+                raise ValueError(f"--arithmetic_digits={digits} --arithmetic_ops={ops} has too few distinct problems "
+                                 f"for the {split} split ({size}): use more digits or operations")
         if split in ("test", "sft_val", "dpo_val"):
             held_out |= {problem_key(p) for p in problems}
         splits[split] = problems

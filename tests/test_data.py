@@ -114,8 +114,6 @@ def test_vocabulary_over_uint16_is_refused(tmp_path):
         tk.train_sentencepiece(["some text"], vocab_size=70_000)
     with pytest.raises(ValueError, match="65536"):
         prepare_data.main([f"--out_dir={tmp_path}", "--vocab_size=70000"])
-    with pytest.raises(ValueError, match="use some of"):
-        prepare_data.main([f"--out_dir={tmp_path}", "--arithmetic_ops=+/"])
     # too small for the corpus's characters: sentencepiece's own error, said in one line
     with pytest.raises(ValueError, match="use a larger vocab_size"):
         tk.train_sentencepiece(["".join(map(chr, range(0x4E00, 0x4F00)))], vocab_size=300)
@@ -423,6 +421,13 @@ def test_curriculum_answers_are_correct_and_test_is_held_out(digits, ops):
         assert longest == digits
     again, other_seed = (prepare_data.arithmetic_problems(seed, digits, ops) for seed in (1337, 1))
     assert problems == again != other_seed
+
+
+def test_curriculum_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="use some of"):
+        prepare_data.main([f"--out_dir={tmp_path}", "--arithmetic_ops=+/"])
+    with pytest.raises(ValueError, match="too few distinct problems"):  # 45 sums of two digits: not 200 held out
+        prepare_data.arithmetic_problems(1337, digits=1, ops="+")
 
 
 def test_curriculum_files(default_data):
