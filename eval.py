@@ -281,12 +281,14 @@ def loglikelihoods(model, requests, batch_size, desc="scoring"):
                 idx[row, :len(ids)] = torch.tensor(ids)
             hidden, _ = model.hidden_states(idx)  # [B, T, C]
             for row, ids in enumerate(batch):
+                # a request's continuation is predicted at the input's last len(continuation) positions: the
+                # head runs once, over the longest such tail of the requests that share this input
+                longest = max(len(requests[i][1]) for i in requests_of[ids])
+                logprobs = torch.log_softmax(model.lm_head(hidden[row, len(ids) - longest:len(ids)]).float(), dim=-1)
                 for i in requests_of[ids]:
                     continuation = requests[i][1]
-                    positions = slice(len(ids) - len(continuation), len(ids))  # each predicts the next token
-                    logprobs = torch.log_softmax(model.lm_head(hidden[row, positions]).float(), dim=-1)
                     target = torch.tensor(continuation, device=device)[:, None]
-                    scores[i] = logprobs.gather(-1, target).sum().item()
+                    scores[i] = logprobs[longest - len(continuation):].gather(-1, target).sum().item()
                 progress.update(len(requests_of[ids]))
     return scores
 
