@@ -428,20 +428,22 @@ class Doge(nn.Module):
         return self.model.norm(x), router_logits
 
     def forward(self, idx, targets=None, cross_entropy=None):
-        """logits [B, T, vocab] for every position; with targets (-1 = ignore), the mean cross-entropy (plus
-        router_aux_loss_coef times the load-balancing loss for MoE). cross_entropy(logits [N, V], targets [N]):
-        the loss function, F.cross_entropy by default; the training loop may pass an equal, faster one."""
+        """Without targets: logits [B, T, vocab] for every position. With targets [B, T] (-1 = ignore): the logits
+        of the scored positions only, [N, vocab] in row-major order, and their mean cross-entropy (plus
+        router_aux_loss_coef times the load-balancing loss for MoE). The head is a small model's costliest layer,
+        and fine-tuning scores only the replies. cross_entropy(logits [N, V], targets [N]): the loss function,
+        F.cross_entropy by default; the training loop may pass an equal, faster one."""
         if not torch.compiler.is_compiling():  # the checks read values back to the host: not inside a graph
             self.check_input(idx)
             if targets is not None and targets.numel() and ((targets < -1) | (targets >= self.config.vocab_size)).any():
                 raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
         x, router_logits = self.hidden_states(idx)
-        logits = self.lm_head(x)
         if targets is None:
-            return logits, None
-        cross_entropy = cross_entropy or (lambda logits, targets: F.cross_entropy(logits.float(), targets,
-                                                                                  ignore_index=-1))
-        loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
+            return self.lm_head(x), None
+        scored = targets != -1
+        logits, targets = self.lm_head(x[scored]), targets[scored]  # [N, vocab], [N]
+        cross_entropy = cross_entropy or (lambda logits, targets: F.cross_entropy(logits.float(), targets))
+        loss = cross_entropy(logits, targets)
         if router_logits:
             loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(
                 router_logits, self.config.num_experts_per_tok)
@@ -483,11 +485,13 @@ class Doge(nn.Module):
         return [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
                 dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
 
-    def flops_per_token(self, seq_len):
+    def flops_per_token(self, seq_len, scored=1.0):
         """Training FLOPs (forward + backward = 3x forward) per token, PaLM-style: 2 FLOPs per weight used in a
-        matmul, plus q.k and p.v over the full seq_len (the causal half is not discounted)."""
+        matmul, plus q.k and p.v over the full seq_len (the causal half is not discounted). scored: the fraction
+        of tokens that are targets (only they pass the output head)."""
         c = self.config
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul_params -= (1 - scored) * self.lm_head.weight.numel()
         if c.is_moe:  # each token uses top_k rows of down_embed and of up_embed
             matmul_params += c.num_hidden_layers * 2 * c.num_experts_per_tok * c.hidden_size
         attention = c.num_hidden_layers * 2 * c.num_attention_heads * c.head_dim * seq_len

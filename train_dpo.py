@@ -161,6 +161,7 @@ def main(argv=None):
     cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
     lengths = np.minimum(np.diff(train_chosen[2]), cfg.seq_len) + np.minimum(np.diff(train_rejected[2]), cfg.seq_len)
     tokens_per_step = int(lengths[usable].mean() * examples_per_step)
+    flops_per_step = model.flops_per_token(lengths[usable].mean() / 2) * tokens_per_step  # the policy's passes
     pad_id = tok.eos_id
     if run.master:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(usable):,} pairs | "
@@ -209,7 +210,8 @@ def main(argv=None):
                 "val_rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
                 "val_logps/accuracies": (policy[:, 0] > policy[:, 1]).float().mean().item()}
 
-    train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint, stage="dpo")
+    train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, flops_per_step, grad_accum, checkpoint,
+          stage="dpo")
     if run.world_size > 1:
         dist.destroy_process_group()
 

@@ -133,7 +133,9 @@ def main(argv=None):
         model.train()
         return dict(val_loss=sum(losses) / len(losses), unigram_val_loss=unigram)  # the bar to clear, beside it
 
-    train(cfg, run, model, tok, batch_loss, evaluate, cfg.batch_tokens, grad_accum, checkpoint, stage="pt")
+    flops_per_step = model.flops_per_token(cfg.seq_len) * cfg.batch_tokens
+    train(cfg, run, model, tok, batch_loss, evaluate, cfg.batch_tokens, flops_per_step, grad_accum, checkpoint,
+          stage="pt")
     if run.world_size > 1:
         dist.destroy_process_group()
 

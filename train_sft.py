@@ -79,6 +79,7 @@ def main(argv=None):
     cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
     lengths = np.minimum(np.diff(train_set[2]), cfg.seq_len)[usable]
     tokens_per_step = int(lengths.mean() * examples_per_step)
+    flops_per_step = model.flops_per_token(lengths.mean(), scored=train_counts[usable].mean() / lengths.mean()) * tokens_per_step
     pad_id = tok.eos_id  # any id: pads are never targets and come after every real token
     if run.master:
         truncated = int((np.diff(train_set[2]) > cfg.seq_len).sum())
@@ -118,7 +119,8 @@ def main(argv=None):
         model.train()
         return metrics
 
-    train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint, stage="sft")
+    train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, flops_per_step, grad_accum, checkpoint,
+          stage="sft")
     if run.world_size > 1:
         dist.destroy_process_group()
 

@@ -27,32 +27,30 @@ import checkpoint as ckpt
 # the loss, chosen for the device
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), targets, ignore_index=-1) for logits [N, V], without its [N, V] buffers
-    (a float32 copy, the log-softmax, in backward a one-hot and the log-softmax's gradient: on a CPU each is a
-    fresh allocation written and read in full, and page faults). Rows go in chunks that stay in the cache:
-    forward keeps one logsumexp per row, backward writes d loss / d logits = (softmax - onehot) / count once."""
+    """F.cross_entropy(logits.float(), targets) for logits [N, V], without its [N, V] buffers (a float32 copy,
+    the log-softmax, in backward a one-hot and the log-softmax's gradient: on a CPU each is a fresh allocation
+    written and read in full, and page faults). Rows go in chunks that stay in the cache: forward keeps one
+    logsumexp per row, backward writes d loss / d logits = (softmax - onehot) / N once."""
     ROWS = 32  # a chunk of 32 rows of a 32k vocabulary is 4 MB in float32: it fits a CPU's L2/L3
 
     @staticmethod
     def forward(ctx, logits, targets):
         lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(ChunkedCrossEntropy.ROWS)])
-        valid = targets >= 0
-        target_logits = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).float()
-        count = valid.sum()
-        ctx.save_for_backward(logits, targets, lse, count)
-        return torch.where(valid, lse - target_logits, 0.0).sum() / count
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, targets, lse)
+        return (lse - target_logits).mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, targets, lse, count = ctx.saved_tensors
+        logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        scale = grad_loss / count
+        scale = grad_loss / logits.size(0)
         rows = ChunkedCrossEntropy.ROWS
         for start in range(0, logits.size(0), rows):
             t, l = targets[start:start + rows, None], lse[start:start + rows, None]
             p = (logits[start:start + rows].float() - l).exp_()  # softmax, from the saved logsumexp
-            p.scatter_add_(1, t.clamp(min=0), (t >= 0).to(p.dtype).neg())  # - onehot(target)
-            grad[start:start + rows] = p.mul_(torch.where(t >= 0, scale, 0.0))
+            p.scatter_add_(1, t, torch.full_like(t, -1, dtype=p.dtype))  # - onehot(target)
+            grad[start:start + rows] = p.mul_(scale)
         return grad, None
 
 def training_cross_entropy(device, compiled):
@@ -182,7 +180,7 @@ def export(cfg):
 # -----------------------------------------------------------------------------
 # the training loop
 
-def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accum, checkpoint=None,
+def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, flops_per_step, grad_accum, checkpoint=None,
           stage="pt"):
     """Optimise model for steps [start, max_steps). batch_loss(model, step, micro_step) -> (loss, metrics)
     must pick its batch as a pure function of (seed, step, micro_step, rank): with the step, model,
@@ -190,7 +188,6 @@ def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, grad_accu
     evaluate(model) -> metrics runs on every rank (ZeRO-3 needs all of them for a forward pass), once before the
     first step (logged with before=True) and every eval_interval steps."""
     raw_model = model
-    flops_per_step = raw_model.flops_per_token(cfg.seq_len) * tokens_per_step
     optimizer, start_step = make_optimizer(cfg, run, raw_model, checkpoint)
     if checkpoint is not None and ("deepspeed_tag" in checkpoint) != (cfg.backend == "deepspeed"):
         raise ValueError(f"{cfg.init_from}: the checkpoint's optimizer state was written with backend="

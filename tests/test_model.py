@@ -65,9 +65,11 @@ def test_loss_equals_reference_and_ignores_minus_one():
     with torch.no_grad():
         logits, loss = model(idx, targets)
         ref_loss = reference_of(model)(idx, labels=labels).loss
-        by_hand = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        all_logits = model(idx)[0]
+        by_hand = F.cross_entropy(all_logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
     assert abs(loss.item() - by_hand.item()) <= 1e-6
+    assert max_diff(logits, all_logits[targets != -1]) <= 1e-6  # with targets: the scored positions' logits only
 
 def test_folded_attention_equals_float_bias_attention_with_gradients():
     """The training fast path (dynamic mask folded into an extra key coordinate, is_causal) against the
@@ -130,7 +132,7 @@ def test_moe_forward_equals_reference_token_by_token_and_aux_loss():
         h.remove()
     gate_logits = tuple(o.view(-1, 2, 4).transpose(0, 1) for o in router_outputs)
     aux = load_balancing_loss_func(gate_logits, 16, 4, 3)
-    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    ce = F.cross_entropy(logits, targets.flatten())
     assert aux.item() > 0
     assert abs(loss.item() - (ce.item() + 0.01 * aux.item())) <= 1e-6
 
@@ -293,6 +295,11 @@ def test_flops_per_token_counts_the_matmuls():
         model(idx, idx)[1].backward()
     measured = counter.get_total_flops()
     assert abs(measured / (model.flops_per_token(T) * B * T) - 1) < 0.02
+    targets = idx.clone()
+    targets[:, :24] = -1  # a quarter scored: only those rows pass the output head
+    with FlopCounterMode(display=False) as counter:
+        model(idx, targets)[1].backward()
+    assert abs(counter.get_total_flops() / (model.flops_per_token(T, scored=0.25) * B * T) - 1) < 0.02
 
 def test_compile_one_layer_forward_backward():
     model = make_model(num_hidden_layers=1).train()
