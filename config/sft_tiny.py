@@ -5,7 +5,7 @@
 
 init_from = "out/pt"
 out_dir = "out/sft"
-data = dict(dataset="shakespeare", tokenizer="sentencepiece", vocab_size=8192)  # as config/doge_tiny.py
+data = dict(dataset="shakespeare", tokenizer="sentencepiece", vocab_size=4096)  # as config/doge_tiny.py
 data_dir = "data/arithmetic"
 
 seq_len = 512  # every arithmetic conversation fits

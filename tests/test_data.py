@@ -155,7 +155,7 @@ def test_default_run_writes_pretraining_and_post_training_sets(default_data):
     meta = json.loads((shakespeare / "meta.json").read_text())
     tok = tk.load_tokenizer(str(shakespeare))
     assert meta["tokenizer"] == {"kind": "sentencepiece", "file": "tokenizer.model"}
-    assert meta["vocab_size"] == tok.vocab_size == 8192 and meta["eos_id"] == tok.eos_id
+    assert meta["vocab_size"] == tok.vocab_size == 4096 and meta["eos_id"] == tok.eos_id
     assert meta["special_ids"] == tok.special_ids
     train, val = common.read_array(shakespeare / "train.bin"), common.read_array(shakespeare / "val.bin")
     assert train.dtype == np.uint16 and meta["token_counts"] == {"train": len(train), "val": len(val)}
