@@ -36,6 +36,7 @@ DEFAULTS = dict(
     eval_examples=200,  # held-out pairs for val loss and preference accuracy
     # DPO: beta scales the implicit reward; label_smoothing > 0 is conservative DPO (the labels may be wrong)
     beta=0.1, label_smoothing=0.0, loss_type="sigmoid",  # sigmoid | ipo
+    rpo_alpha=0.0,  # > 0: RPO, plus rpo_alpha x the chosen replies' per-token NLL (0 = plain DPO)
     precompute_ref_logps=False,  # reference log-probs of every pair once up front, then free the reference
     # batch: batch_examples pairs per optimizer step = batch_size x processes x gradient accumulation
     batch_size=8, batch_examples=64, seq_len=1024,
@@ -97,16 +98,23 @@ def pair_logprobs(model, ids, mask, average=False):
 def reference_logprobs(reference, ids, mask, average=False):
     return pair_logprobs(reference, ids, mask, average)
 
-def pair_loss(policy, ids, mask, ref_chosen, ref_rejected, beta, label_smoothing, loss_type):
-    """Mean DPO loss of a pair_batch and the per-log-line metrics (TRL's names)."""
+def pair_loss(policy, ids, mask, ref_chosen, ref_rejected, beta, label_smoothing, loss_type, rpo_alpha=0.0):
+    """Mean DPO loss of a pair_batch and the per-log-line metrics (TRL's names). rpo_alpha > 0 adds the chosen
+    replies' negative log-likelihood per token, times rpo_alpha (RPO: Pang et al. 2024, eq. 1; TRL's rpo_alpha):
+    plain DPO may lower the chosen replies too, as long as the rejected fall faster; the NLL term holds them up."""
     chosen, rejected = pair_logprobs(policy, ids, mask, average=loss_type == "ipo")
     losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta,
                                                         label_smoothing, loss_type)
+    loss = losses.mean()
+    if rpo_alpha:
+        chosen_tokens = mask[:len(chosen), 1:].sum(-1)
+        chosen_sums = chosen * chosen_tokens if loss_type == "ipo" else chosen  # ipo's are per-token means
+        loss = loss - rpo_alpha * chosen_sums.sum() / chosen_tokens.sum()
     metrics = {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
                "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
                "logps/chosen": chosen.detach().mean().item(), "logps/rejected": rejected.detach().mean().item()}
-    return losses.mean(), metrics
+    return loss, metrics
 
 def all_reference_logprobs(reference, chosen_set, rejected_set, indices, cfg, pad_id, device, autocast, desc):
     """Reference log-probs of the pairs at indices, as a float32 array [len(indices), 2]."""
@@ -186,7 +194,8 @@ def main(argv=None):
             ref_chosen, ref_rejected = torch.from_numpy(train_ref[mine]).to(run.device).unbind(1)
         else:
             ref_chosen, ref_rejected = reference_logprobs(reference, ids, mask, average=cfg.loss_type == "ipo")
-        return pair_loss(model, ids, mask, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing, cfg.loss_type)
+        return pair_loss(model, ids, mask, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing, cfg.loss_type,
+                         cfg.rpo_alpha)
 
     @torch.no_grad()
     def evaluate(model):

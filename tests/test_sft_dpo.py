@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import checkpoint as ckpt
 import post_training
@@ -154,20 +155,20 @@ def tiny_model(vocab_size=64, seed=0):
                            keep_window_size=64, tie_word_embeddings=True))
 
 
-def test_sft_user_tokens_give_zero_gradient():
+def test_sft_scores_only_the_assistant_tokens():
     model = tiny_model()
     data = ragged([([2, 20, 21, 22, 3, 2, 30, 31, 3], [0, 0, 0, 0, 0, 0, 1, 1, 1]),
                    ([2, 23, 24, 3, 2, 32, 3, 9], [0, 0, 0, 0, 0, 1, 1, 0])])
     x, y = train_sft.sft_batch(data, [0, 1], 64, pad_id=1, device="cpu")
-    logits, loss = model(x, y)
-    logits.retain_grad()
-    loss.backward()
-    per_position = logits.grad.abs().sum(-1)
     _, mask = post_training.pad_examples(post_training.get_examples(data, [0, 1], 64), pad_id=1)
     learned = mask[:, 1:] == 1  # position t predicts token t+1
-    assert (per_position[~learned] == 0).all() and (per_position[learned] > 0).all()
-    # and changing what the user said as a *target* changes nothing: only the assistant's tokens are labels
-    assert (y[~learned] == -1).all()
+    assert (y[~learned] == -1).all() and (y[learned] == x.new_tensor([30, 31, 3, 32, 3])).all()
+    with torch.no_grad():
+        logits, loss = model(x, y)  # the head runs only where a target is scored: the assistant's 5 positions
+        every_logit = model(x)[0]
+    assert logits.shape == (5, every_logit.size(-1))
+    assert (logits - every_logit[learned]).abs().max() <= 1e-6
+    assert loss.item() == pytest.approx(F.cross_entropy(every_logit[learned], y[learned]).item(), abs=1e-6)
 
 
 def test_dpo_reference_gets_no_gradient():
@@ -184,6 +185,24 @@ def test_dpo_reference_gets_no_gradient():
     loss.backward()
     assert all(p.grad is None for p in reference.parameters())
     assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+
+def test_rpo_adds_the_chosen_replies_nll_per_token():
+    """rpo_alpha > 0: the DPO loss plus alpha x the chosen replies' mean token NLL (Pang et al. 2024, eq. 1),
+    computed here by hand from the policy's per-token log-probs; both loss types (ipo's are per-token means)."""
+    torch.manual_seed(0)
+    policy = tiny_model()
+    chosen = ragged([([2, 20, 21, 3, 2, 30, 31, 3], [0, 0, 0, 0, 0, 1, 1, 1]), ([2, 22, 3, 2, 33, 3], [0, 0, 0, 0, 1, 1])])
+    rejected = ragged([([2, 20, 21, 3, 2, 40, 3], [0, 0, 0, 0, 0, 1, 1]), ([2, 22, 3, 2, 41, 42, 3], [0, 0, 0, 0, 1, 1, 1])])
+    ids, mask = train_dpo.pair_batch(chosen, rejected, [0, 1], 64, pad_id=1, device="cpu")
+    ref = torch.tensor([-9.0, -7.0]), torch.tensor([-8.0, -9.5])
+    with torch.no_grad():
+        token_logps = post_training.token_logprobs(policy(ids)[0][:, :-1], ids[:, 1:]) * mask[:, 1:]
+    nll = -token_logps[:2].sum() / mask[:2, 1:].sum()  # the chosen replies: 3 + 2 tokens
+    for loss_type in ("sigmoid", "ipo"):
+        with torch.no_grad():
+            dpo, _ = train_dpo.pair_loss(policy, ids, mask, *ref, 0.1, 0.0, loss_type)
+            rpo, _ = train_dpo.pair_loss(policy, ids, mask, *ref, 0.1, 0.0, loss_type, rpo_alpha=0.5)
+        assert nll.item() > 0 and rpo.item() == pytest.approx(dpo.item() + 0.5 * nll.item(), abs=1e-5)
 
 # -----------------------------------------------------------------------------
 # end to end on the arithmetic curriculum: tiny pre-training, SFT, DPO
