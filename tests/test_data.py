@@ -3,6 +3,7 @@ mask, the hub schemas from local files, and an arithmetic curriculum whose every
 import json
 import os
 import pickle
+import random
 import re
 import time
 
@@ -201,7 +202,7 @@ def test_rerun_is_idempotent_and_settings_are_guarded(default_data, capsys):
     assert time.time() - start < 5 and "already prepared" in capsys.readouterr().out
     assert [f.stat().st_mtime_ns for f in files] == stamps
     with pytest.raises(ValueError, match="--force"):
-        prepare_data.main([f"--out_dir={default_data}", "--vocab_size=4096"])
+        prepare_data.main([f"--out_dir={default_data}", "--vocab_size=8192"])
     with pytest.raises(ValueError, match="unknown config key"):
         prepare_data.main(["--vocab=4096"])
 
@@ -421,6 +422,30 @@ def test_curriculum_answers_are_correct_and_test_is_held_out(digits, ops):
         assert longest == digits
     again, other_seed = (prepare_data.arithmetic_problems(seed, digits, ops) for seed in (1337, 1))
     assert problems == again != other_seed
+
+
+def test_wrong_solutions_drop_a_carry_where_there_is_one():
+    """DPO's rejected reply: a dropped carry/borrow (a rule broken) whenever the problem has one, else one column
+    off by one; either way a consistent worked solution of a wrong answer."""
+    rng = random.Random(0)
+    problems = prepare_data.arithmetic_problems(seed=1337, digits=2, ops="+-*")["dpo_train"][:300]
+    kinds = []
+    for problem in problems:
+        steps, answer = prepare_data.worked_solution(problem)
+        wrong_steps, wrong_answer = prepare_data.wrong_solution(problem, rng)
+        assert wrong_answer != answer and wrong_steps.endswith(f"={wrong_answer}")
+        lines, wrong_lines = steps.split("\n"), wrong_steps.split("\n")
+        carries = [line for line in lines if "carry" in line or "borrow" in line]
+        wrong_carries = [line for line in wrong_lines if "carry" in line or "borrow" in line]
+        first = next(i for i, (x, y) in enumerate(zip(lines, wrong_lines)) if x != y)
+        if carries:  # the first difference: the same column, its carry or borrow left out
+            assert lines[first].split(", ")[:2] == wrong_lines[first].split(", ")[:2]
+            assert len(wrong_carries) < len(carries)
+        else:  # the first difference: a column's value, one off
+            value, wrong_value = (int(line.split("=")[1].split(",")[0]) for line in (lines[first], wrong_lines[first]))
+            assert abs(value - wrong_value) == 1
+        kinds.append(bool(carries))
+    assert 0.3 < sum(kinds) / len(kinds) < 0.95  # both kinds occur
 
 
 def test_curriculum_settings_are_checked(tmp_path):
