@@ -1,4 +1,4 @@
-# The offline quickstart: a 2.9M-parameter Doge pre-trained on Shakespeare (python prepare_data.py) in minutes
+# The offline quickstart: a 2.1M-parameter Doge pre-trained on Shakespeare (python prepare_data.py) in minutes
 # on a laptop CPU (README: times and val loss, per CPU kind). dtype is auto: bf16 only where the CPU computes it.
 # Usage: python train_pt.py config/doge_tiny.py      (then config/sft_tiny.py, dpo_tiny.py, grpo_tiny.py)
 

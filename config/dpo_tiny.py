@@ -1,5 +1,5 @@
 # The offline quickstart's preference alignment: the tiny SFT model learns to prefer correct worked solutions
-# over plausible wrong ones (a dropped carry or borrow, a column off by one). The number is held-out preference
+# over plausible wrong ones (a dropped carry or borrow where there is one, else a column off by one). The number is held-out preference
 # accuracy: how often the implicit reward beta * (log pi - log ref) of the chosen reply beats the rejected one's.
 # Usage: python train_dpo.py config/dpo_tiny.py
 
@@ -12,8 +12,9 @@ seq_len = 512
 batch_size = 16
 batch_examples = 16
 max_steps = 60  # 960 pairs, two thirds of an epoch
-learning_rate = 1e-4  # gentle: a larger rate also lowers the chosen replies and costs answer accuracy
+learning_rate = 1.5e-5  # gentle: a larger rate also lowers the chosen replies and costs answer accuracy
 beta = 0.1
+rpo_alpha = 1.0  # plus the chosen replies' NLL (RPO), which holds them up
 warmup_ratio = 0.1
 decay_ratio = 0.3
 eval_interval = 30
