@@ -79,7 +79,8 @@ def main(argv=None):
     cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
     lengths = np.minimum(np.diff(train_set[2]), cfg.seq_len)[usable]
     tokens_per_step = int(lengths.mean() * examples_per_step)
-    flops_per_step = model.flops_per_token(lengths.mean(), scored=train_counts[usable].mean() / lengths.mean()) * tokens_per_step
+    scored = train_counts[usable].mean() / lengths.mean()  # the share of tokens that pass the output head
+    flops_per_step = model.flops_per_token(lengths.mean(), scored) * tokens_per_step
     pad_id = tok.eos_id  # any id: pads are never targets and come after every real token
     if run.master:
         truncated = int((np.diff(train_set[2]) > cfg.seq_len).sum())
