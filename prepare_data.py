@@ -318,7 +318,7 @@ def wrong_solution(problem, rng):
     """A plausible wrong worked solution: a dropped carry or borrow where the problem has one, else a column off
     by one. A dropped carry breaks a rule that holds in every problem, which DPO learns from a few hundred pairs;
     a column off by one is one wrong fact (7*8=57), and preferring the right fact in one problem says little about
-    another fact in the next: DPO's held-out preference accuracy on such pairs stayed near 0.6 (README)."""
+    another fact in the next, and DPO's held-out preference on such pairs barely moved (README: figures)."""
     steps, answer = worked_solution(problem)
     column_lines = steps.split("\n")[1:1 + columns(problem)]
     mistakes = [("drop", i) for i, line in enumerate(column_lines) if "carry" in line or "borrow" in line]
