@@ -39,7 +39,7 @@ config = dict(
     dpo="arithmetic",
     grpo="arithmetic",
     arithmetic_digits=2,  # the curriculum's longest operand; 3 or 4 make it harder (and slower to learn)
-    arithmetic_ops="+-*",  # its operations (* multiplies by one digit; the tiny model learns it last): "+-" is easier
+    arithmetic_ops="+-",  # its operations; "+-*" adds multiplication by one digit, harder (the tiny model learns it last)
     # sentencepiece (BPE trained here) | gpt2 (tiktoken) | a tokenizer.json path or hub id | a prepared data
     # directory (reuse its tokenizer, e.g. data/shakespeare, so post-training data matches a pre-trained model)
     tokenizer="sentencepiece",
