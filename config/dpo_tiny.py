@@ -12,9 +12,10 @@ seq_len = 512
 batch_size = 16
 batch_examples = 16
 max_steps = 60  # 960 pairs, two thirds of an epoch
-learning_rate = 1.5e-5  # gentle: a larger rate also lowers the chosen replies and costs answer accuracy
+learning_rate = 2e-5  # gentle: a larger rate also lowers the chosen replies and costs answer accuracy
 beta = 0.1
-rpo_alpha = 1.0  # plus the chosen replies' NLL (RPO), which holds them up
+rpo_alpha = 20.0  # plus 20 x the chosen replies' per-token NLL (RPO), which holds them up: the DPO term sums
+                  # its log-ratios over a reply's ~50 tokens, the NLL is a per-token mean
 warmup_ratio = 0.1
 decay_ratio = 0.3
 eval_interval = 30
