@@ -15,7 +15,7 @@ temperature = 0.5  # samples near the greedy answer, so their rewards compare wh
 max_completion_length = 96
 reward_weights = {"accuracy": 1.0, "format": 1.0, "digits": 1.0}
 max_steps = 30
-learning_rate = 5e-5  # the model sits at the end of SFT's decay: a larger rate unsettles it
+learning_rate = 5e-5  # the model sits at the end of SFT's and DPO's decay: a larger rate unsettles it
 batch_size = 64
 
 eval_interval = 1000  # held-out numbers at the start and the end only
