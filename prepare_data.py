@@ -39,11 +39,12 @@ config = dict(
     dpo="arithmetic",
     grpo="arithmetic",
     arithmetic_digits=2,  # the curriculum's longest operand; 3 or 4 make it harder (and slower to learn)
-    arithmetic_ops="+-",  # its operations; "+-*" adds multiplication by one digit, harder (the tiny model learns it last)
+    arithmetic_ops="+-",  # its operations; "+-*" adds multiplication by one digit (the tiny model learns it last)
     # sentencepiece (BPE trained here) | gpt2 (tiktoken) | a tokenizer.json path or hub id | a prepared data
     # directory (reuse its tokenizer, e.g. data/shakespeare, so post-training data matches a pre-trained model)
     tokenizer="sentencepiece",
-    vocab_size=4096,  # sentencepiece only: the tiny offline models (whose cost is mostly the output head); 32768 for Doge-sized runs
+    vocab_size=4096,  # sentencepiece only: the tiny offline models, whose cost is mostly the output head;
+                      # 32768 for Doge-sized runs
     max_tokens=100_000_000,  # pre-training token budget (streams from the hub stop there)
     max_examples=100_000,  # per post-training source
     seed=1337,

@@ -1,6 +1,7 @@
 # The offline quickstart's preference alignment: the tiny SFT model learns to prefer correct worked solutions
-# over plausible wrong ones (a dropped carry or borrow where there is one, else a column off by one). The number is held-out preference
-# accuracy: how often the implicit reward beta * (log pi - log ref) of the chosen reply beats the rejected one's.
+# over plausible wrong ones (a dropped carry or borrow where there is one, else a column off by one). The number
+# is held-out preference accuracy: how often the implicit reward beta * (log pi - log ref) of the chosen reply
+# beats the rejected one's.
 # Usage: python train_dpo.py config/dpo_tiny.py
 
 init_from = "out/sft"
