@@ -5,6 +5,8 @@ import os
 import pickle
 import random
 import re
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -164,7 +166,7 @@ def test_default_run_writes_pretraining_and_post_training_sets(default_data):
     assert len(train) > 500_000 and 0.02 < len(val) / len(train) < 0.1
     documents = int((train == tok.eos_id).sum() + (val == tok.eos_id).sum())
     assert documents >= 40 and train[-1] == val[-1] == tok.eos_id
-    assert int(train.max()) < tok.vocab_size
+    assert common.array_max_value(shakespeare / "train.bin") == int(train.max()) < tok.vocab_size  # the header's
     # the post-training set uses the very same tokenizer
     assert (post / "tokenizer.model").read_bytes() == (shakespeare / "tokenizer.model").read_bytes()
     post_meta = json.loads((post / "meta.json").read_text())
@@ -237,6 +239,119 @@ def test_interrupted_run_leaves_no_partial_file(corpus, tmp_path, monkeypatch):
     assert len(clean) == 20
     for path in clean:
         assert path.read_bytes() == (tmp_path / "run" / path.relative_to(tmp_path / "clean")).read_bytes()
+
+
+def write_documents(path, corpus, words, count):
+    """A jsonl of `count` documents of `words` words each, windows over the corpus (one "text" column)."""
+    tokens = " ".join(corpus).split(" ")
+    with open(path, "w") as f:
+        for i in range(count):
+            start = i * words % (len(tokens) - words)
+            f.write(json.dumps({"text": " ".join(tokens[start:start + words])}) + "\n")
+    return str(path)
+
+
+def prepare_in_child(args, patches=""):
+    """prepare_data.main(args) in a child process, after the statements `patches`."""
+    code = f"import sys; sys.path.insert(0, {ROOT!r}); import prepare_data\n{patches}\nprepare_data.main({args!r})"
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize("layout", ["local jsonl", "hub layout"])
+def test_a_killed_preparation_resumes_to_the_same_bytes(layout, tmp_path, corpus, monkeypatch):
+    """SIGKILL at random points (the progress saved after every batch here, every PROGRESS_SECONDS in use): each
+    re-run continues from partial/ -- a row index in a local file, the stream's state_dict() for a dataset read
+    in the hub's layout -- and the result equals an uninterrupted run's byte for byte."""
+    rows = write_documents(tmp_path / "train.jsonl", corpus, words=300, count=800)
+    patches = "prepare_data.PROGRESS_SECONDS = 0; prepare_data.BATCH_CHARS = 20_000"
+    if layout == "hub layout":  # a hub name, streamed from a local directory in the hub's layout
+        os.makedirs(tmp_path / "hub")
+        os.replace(rows, tmp_path / "hub" / "train.jsonl")
+        hub_entry = (str(tmp_path / "hub"), None, "train", "text")
+        patches += f"; prepare_data.PRETRAINING_HUB['tinystories'] = {hub_entry!r}"
+        monkeypatch.setitem(prepare_data.PRETRAINING_HUB, "tinystories", hub_entry)
+        rows = "tinystories"
+    args = [f"--dataset={rows}", "--vocab_size=600", "--sft=none", "--dpo=none", "--grpo=none", "--workers=2"]
+    name = os.path.splitext(os.path.basename(rows))[0]
+    progress = tmp_path / "run" / name / "partial" / "progress.json"
+    rng, said, saved = random.Random(0), "", ""
+    for kill in range(2):
+        child = prepare_in_child(args + [f"--out_dir={tmp_path}/run"], patches)
+        while child.poll() is None and not (progress.exists() and (kill == 0 or progress.read_text() != saved)):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.4))
+        saved = progress.read_text() if progress.exists() else ""
+        child.kill()
+        said += child.communicate()[0]
+    assert saved and not (tmp_path / "run" / name / "meta.json").exists()  # killed while unfinished
+    child = prepare_in_child(args + [f"--out_dir={tmp_path}/run"], patches)
+    said += child.communicate()[0]
+    assert child.returncode == 0 and said.count("resuming after") >= 2, said[-2000:]
+    prepare_data.main(args + [f"--out_dir={tmp_path}/clean"])
+    for split in ("train", "val"):
+        clean = (tmp_path / "clean" / name / f"{split}.bin").read_bytes()
+        assert (tmp_path / "run" / name / f"{split}.bin").read_bytes() == clean and len(clean) > 50_000
+    assert not (tmp_path / "run" / name / "partial").exists()
+
+
+def test_workers_write_the_same_bytes_as_one(tmp_path, corpus, default_data, monkeypatch):
+    monkeypatch.setattr(prepare_data, "BATCH_CHARS", 5_000)
+    rows = write_documents(tmp_path / "docs.jsonl", corpus, words=200, count=300)
+    for workers in (1, 3):
+        prepare_data.main([f"--dataset={rows}", f"--tokenizer={default_data}/shakespeare", "--sft=none", "--dpo=none",
+                           "--grpo=none", f"--workers={workers}", f"--out_dir={tmp_path}/{workers}"])
+    for split in ("train", "val"):
+        one, three = ((tmp_path / str(w) / "docs" / f"{split}.bin").read_bytes() for w in (1, 3))
+        assert one == three and len(one) > 10_000
+
+
+def test_peak_memory_does_not_grow_with_the_token_count(tmp_path, corpus, default_data):
+    """10x the tokens, the same peak RSS: the tokens go to disk as they are made (the whole stream in memory
+    would add 2 bytes a token at the least, 6 MB here)."""
+    rows = write_documents(tmp_path / "docs.jsonl", corpus, words=1000, count=1500)  # ~3.2M tokens
+    peaks = {}
+    for max_tokens in (300_000, 3_000_000):
+        child = prepare_in_child([f"--dataset={rows}", f"--tokenizer={default_data}/shakespeare", "--sft=none",
+                                  "--dpo=none", "--grpo=none", f"--max_tokens={max_tokens}",
+                                  f"--out_dir={tmp_path}/{max_tokens}"])
+        _, status, usage = os.wait4(child.pid, 0)
+        assert status == 0, child.stdout.read()
+        peaks[max_tokens] = usage.ru_maxrss * 1024  # kB on Linux
+        assert len(common.read_array(tmp_path / str(max_tokens) / "docs" / "train.bin")) > 0.9 * max_tokens
+    assert peaks[3_000_000] < peaks[300_000] + 2_000_000, peaks  # the code before this test: +5 MB
+
+
+def test_array_files_record_their_largest_value_and_version_1_stays_readable(tmp_path):
+    values = np.array([3, 65_535, 7], dtype=np.uint16)
+    common.write_array(tmp_path / "a.bin", values)
+    assert common.array_max_value(tmp_path / "a.bin") == 65_535
+    assert list(common.read_array(tmp_path / "a.bin")) == [3, 65_535, 7]
+    header = np.fromfile(tmp_path / "a.bin", dtype=np.int32, count=common.HEADER_INTS)
+    assert header[1] == common.ARRAY_VERSION == 2 and header[5] == 65_535
+    common.write_array(tmp_path / "big.bin", np.array([0, 2 ** 40 + 5], dtype=np.int64))
+    assert common.array_max_value(tmp_path / "big.bin") == 2 ** 40 + 5
+    common.write_array(tmp_path / "empty.bin", np.zeros(0, dtype=np.uint8))
+    assert common.array_max_value(tmp_path / "empty.bin") == 0
+    header[1], header[5] = 1, 0  # the version-1 layout: no largest value, found by one pass
+    (tmp_path / "v1.bin").write_bytes(header.tobytes() + values.tobytes())
+    assert common.array_max_value(tmp_path / "v1.bin") == 65_535
+    assert list(common.read_array(tmp_path / "v1.bin")) == [3, 65_535, 7]
+    header[1] = 3
+    (tmp_path / "v3.bin").write_bytes(header.tobytes() + values.tobytes())
+    with pytest.raises(ValueError, match="bad magic/version"):
+        common.read_array(tmp_path / "v3.bin")
+    # written in chunks and resumed from a synced state: what came after that state is dropped
+    writer = common.ArrayWriter(tmp_path / "c.bin", tmp_path / "c.partial", np.uint16)
+    writer.append(values[:1])
+    state = writer.sync()
+    writer.append(np.array([9, 9], dtype=np.uint16))
+    writer.file.close()
+    assert not (tmp_path / "c.bin").exists()
+    writer = common.ArrayWriter(tmp_path / "c.bin", tmp_path / "c.partial", np.uint16, resume=state)
+    writer.append(values[1:])
+    writer.close()
+    assert (tmp_path / "c.bin").read_bytes() == (tmp_path / "a.bin").read_bytes()
+    assert not (tmp_path / "c.partial").exists()
 
 
 def test_force_rewrites(tmp_path, corpus):
