@@ -19,9 +19,12 @@ import itertools
 import json
 import multiprocessing
 import os
+import random
 import re
+import resource
 import shutil
 import signal
+import subprocess
 import sys
 import tarfile
 import time
@@ -56,6 +59,7 @@ config = dict(
     out_dir="data",
     force=False,
     workers=os.cpu_count() or 1,  # tokenizer processes (any number writes the same bytes)
+    bench=False,  # measure instead: preparation tokens/s against the tokenizer alone, peak RSS (bench() below)
 )
 
 VAL_EVERY = 20  # every 20th document / example is held out (a deterministic 5% split)
@@ -556,6 +560,69 @@ def training_config_arguments(path):
         os.path.normpath(data_dir)
 
 
+def bench(args):
+    """Pre-training preparation (`python prepare_data.py` on a local jsonl, in a child process) at max_tokens/10
+    and max_tokens: tokens/s against the tokenizer's own batch encode on all cores of the first max_tokens/10
+    tokens' documents, and peak RSS. The jsonl is --dataset, or 1,000-word windows over Shakespeare's works."""
+    if args.tokenizer == "sentencepiece":
+        raise ValueError("--bench encodes with a tokenizer made already: --tokenizer=data/shakespeare (after "
+                         "`python prepare_data.py`), gpt2 or a tokenizer.json")
+    work = os.path.join(args.out_dir, "bench")
+    rows_file = args.dataset if args.dataset.endswith((".jsonl", ".parquet")) else os.path.join(work, "windows.jsonl")
+    tok = tk.load_tokenizer(args.tokenizer) if os.path.isfile(os.path.join(args.tokenizer, "meta.json")) else \
+        tk.Tokenizer({"kind": "tiktoken", "name": "gpt2"}) if args.tokenizer == "gpt2" else tk.hf_tokenizer(args.tokenizer)
+    try:
+        if rows_file.startswith(work):  # enough windows for max_tokens, at this tokenizer's tokens per word
+            words = " ".join(shakespeare_documents()[0]).split(" ")
+            rng, window = random.Random(0), 1000
+            per_window = len(tok.encode(" ".join(words[:100 * window]))) / 100
+            os.makedirs(work, exist_ok=True)
+            with open(rows_file, "w") as f:
+                for _ in range(int(args.max_tokens / per_window * 1.05) + 20):
+                    start = rng.randrange(len(words) - window)
+                    f.write(json.dumps({"text": " ".join(words[start:start + window])}) + "\n")
+        small = args.max_tokens // 10
+        documents, tokens, seconds = iter(text_of(row, rows_file) for row in common.local_rows(rows_file)), 0, 0.0
+        while tokens < small:  # the tokenizer alone, all cores (its threads), batches of 2M characters
+            batch = take_chars(documents, 2_000_000)
+            if not batch:
+                break
+            t0 = time.perf_counter()
+            tokens += sum(len(ids) + 1 for ids in tok.encode_batch(batch))
+            seconds += time.perf_counter() - t0
+        alone = tokens / seconds
+        print(f"tokenizer encode_batch alone, {os.cpu_count()} cores: {alone / 1e6:.2f}M tokens/s")
+        for max_tokens in (small, args.max_tokens):
+            command = [sys.executable, os.path.abspath(__file__), f"--dataset={rows_file}", f"--tokenizer={args.tokenizer}",
+                       "--sft=none", "--dpo=none", "--grpo=none", f"--max_tokens={max_tokens}", f"--workers={args.workers}",
+                       f"--out_dir={os.path.join(work, str(max_tokens))}"]
+            t0 = time.perf_counter()
+            child, summed = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), 0
+            while not (ended := os.wait4(child.pid, os.WNOHANG))[0]:
+                summed = max(summed, process_tree_rss(child.pid))
+                time.sleep(0.2)
+            rate = max_tokens / (time.perf_counter() - t0)
+            if os.waitstatus_to_exitcode(ended[1]):
+                raise ValueError(f"{' '.join(command)} failed")
+            print(f"prepare_data {max_tokens / 1e6:,.0f}M tokens, {args.workers} workers: {rate / 1e6:.2f}M tokens/s "
+                  f"({rate / alone:.2f}x the tokenizer alone), peak RSS {ended[2].ru_maxrss / 1e3:,.0f} MB (its largest "
+                  f"process), {summed / 1e6:,.0f} MB (all its processes, summed)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def process_tree_rss(pid):
+    """Resident bytes of a process and its descendants (Linux /proc; shared pages count in each)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = [int(child) for child in f.read().split()]
+    except (OSError, StopIteration):
+        return 0
+    return rss + sum(process_tree_rss(child) for child in children)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     trains_on = None  # the data_dir of a training config given on the command line
@@ -564,6 +631,8 @@ def main(argv=None):
         config_args, trains_on = training_config_arguments(config_path)
         argv = config_args + [arg for arg in argv if arg != config_path]
     args = common.load_config(config, argv)
+    if args.bench:
+        return bench(args)
     if not args.arithmetic_ops or set(args.arithmetic_ops) - set("+-*"):
         raise ValueError(f"--arithmetic_ops={args.arithmetic_ops}: use some of + - * (e.g. +-*)")
     t0 = time.time()
