@@ -13,6 +13,10 @@ Pre-training sets go to <out_dir>/<dataset>/: train.bin and val.bin (uint16 toke
 to <out_dir>/<sources joined by +>/ (data/arithmetic/ by default): sft_{train,val}.*, dpo_{train,val}.{chosen,
 rejected}.* (ragged token/mask/offset arrays), grpo_train.jsonl and test.jsonl. A directory whose meta.json
 exists is done: re-running skips it unless --force=True; meta.json is written last, every file atomically.
+Worker processes (--workers, one per core) encode, the main process writes in order, so memory stays flat in
+the token count; an unfinished pre-training set resumes from <out_dir>/<dataset>/partial/ when run again.
+
+    python prepare_data.py --bench --tokenizer=data/shakespeare --max_tokens=500_000_000   # tokens/s, peak RSS
 """
 import collections
 import itertools
