@@ -23,6 +23,7 @@ from tokenizer import SYSTEM_PROMPT, render_chat
 
 DEFAULTS = dict(
     init_from="",  # out dir (its newest checkpoint) | ckpt file | Hugging Face dir | hub id; "" = what out/ got last
+    tokenizer="",  # a Hugging Face dir's tokenizer, if it has none beside it: tokenizer.json | its dir | hub id
     prompt="",           # the text to continue, or FILE:path to read it from a file
     start="",            # nanoGPT's name for prompt (give one of the two)
     num_samples=1,
@@ -60,7 +61,7 @@ def load(cfg):
     dtype, why = common.resolve_dtype(cfg.dtype, device)
     source = init_from if cfg.init_from else f"{init_from} (the model trained last: the newest under out/)"
     print(f"sampling {source} on {device} | {why}", file=sys.stderr)
-    model, tok, _ = ckpt.load_model(init_from, device)
+    model, tok, _ = ckpt.load_model(init_from, device, cfg.tokenizer)
     model = model.to(getattr(torch, dtype)).eval()  # weights in dtype: inference needs no fp32 master copy
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{init_from}: its tokenizer has {tok.vocab_size} tokens but the model only "
