@@ -197,7 +197,7 @@ def attention_with_bias(q, k, v, bias, dropout_p):
     G = k.size(1)
     bias = bias.to(q.dtype)
     if T == 1:  # a decode step: the H/G query heads of a kv group are H/G query rows under the group's bias
-        bias = bias.view(B, G, H // G, -1) if bias.size(1) == H else bias  # or each row under its own
+        bias = bias.reshape(B, G, H // G, -1) if bias.size(1) == H else bias  # or each row under its own
         y = F.scaled_dot_product_attention(q.view(B, G, H // G, D), k, v, attn_mask=bias, dropout_p=dropout_p)
         return y.view(B, H, 1, D)
     n = H // G

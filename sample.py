@@ -117,10 +117,10 @@ def complete(engine, tok, prompt, cfg, out=None):
     """Continue prompt num_samples times, printing each completion as it is made; returns the texts."""
     out = out or sys.stdout
     prompt_ids = tok.encode(prompt)
-    room = engine.model.config.max_position_embeddings - len(prompt_ids)
+    room = engine.model.config.max_sequence_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room is left in the model's "
-                         f"{engine.model.config.max_position_embeddings}-token context: shorten it")
+                         f"{engine.model.config.max_sequence_length}-token context: shorten it")
     completions = []
     for _ in range(cfg.num_samples):
         out.write(prompt)
@@ -152,7 +152,7 @@ def answer(engine, tok, cfg, messages, out):
     end_of_turn = tok.end_of_turn_id  # <|im_end|>, or the chat template's own
     think_open, think_close = tok.special_id("<think>"), tok.special_id("</think>")
     prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True)  # the same renderer as SFT
-    room = engine.model.config.max_position_embeddings - len(prompt_ids)
+    room = engine.model.config.max_sequence_length - len(prompt_ids)
     if room < 1:
         out.write("(the conversation fills the engine's context: /reset to start over)\n")
         return None

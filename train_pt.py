@@ -66,12 +66,12 @@ def unigram_loss(train_data, val_data, vocab_size):
     return float(-log_probs[val_data].mean())
 
 def build_model(cfg, tok, checkpoint):
-    """(model, checkpoint to continue) for a fresh Doge, a nanodoge checkpoint or a published Hugging Face Doge;
-    --is_moe=True on a dense one grows it into a CDMoE (checkpoint.fit_model), which starts a fresh optimizer."""
+    """(model, checkpoint to continue, growth note) for a fresh Doge, a nanodoge checkpoint or a published Hugging
+    Face Doge; --is_moe=True on a dense one grows it into a CDMoE (checkpoint.fit_model): a fresh optimizer."""
     values = {key: getattr(cfg, key) for key in MODEL_KEYS}
     values["vocab_size"] = values["vocab_size"] or tok.vocab_size
     if cfg.init_from == "scratch":
-        return Doge(DogeConfig(**values)), None
+        return Doge(DogeConfig(**values)), None, None
     if checkpoint is not None:
         model = Doge(DogeConfig(**checkpoint["model_config"]))
         ckpt.load_state_dict_checked(model, checkpoint["model"], cfg.init_from)
@@ -79,9 +79,7 @@ def build_model(cfg, tok, checkpoint):
         model = ckpt.load_model(cfg.init_from, "cpu")[0]
         values = {key: getattr(cfg, key) for key in MODEL_KEYS if getattr(cfg, key) != DEFAULTS[key]}
     model, grown = ckpt.fit_model(model, values, cfg.init_from)
-    if grown:
-        print(grown)
-    return model, None if grown else checkpoint
+    return model, None if grown else checkpoint, grown
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
@@ -98,8 +96,10 @@ def main(argv=None):
         # continue another run with its optimizer and step, e.g. a stable-phase WSD checkpoint on new data
         # with a new max_steps, so that only the final decay is new
         checkpoint = ckpt.load_checkpoint(cfg.init_from)
-    model, checkpoint = build_model(cfg, tok, checkpoint)
+    model, checkpoint, grown = build_model(cfg, tok, checkpoint)
     model = model.to(run.device)
+    if grown and run.master:
+        print(grown)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: set vocab_size >= {tok.vocab_size}")
