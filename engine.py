@@ -54,7 +54,8 @@ def decode_weights(model, vocab_size=None):
         biases = [b for _, b in pairs if b is not None]
         return fast_linear(cast(*(w for w, _ in pairs)), cast(*biases) if biases else None)
 
-    H, G, D = model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim
+    c = model.config
+    H, G, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     layers = []
     for layer in model.model.layers:
         a, mlp = layer.self_attn, layer.mlp
@@ -65,7 +66,7 @@ def decode_weights(model, vocab_size=None):
             norm_1=cast(layer.input_layernorm.weight), residual_1=cast(layer.input_residual),
             qkv_dt=linear(*((m.weight, m.bias) for m in (a.q_proj, a.k_proj, a.v_proj)), v_to_dt),
             o=linear((a.o_proj.weight, a.o_proj.bias)), A=cast(a.A),
-            qk_norm=cast(a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(G, D)),
+            qk_norm=None if c.mask_per_query_head else cast(a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(G, D)),
             norm_2=cast(layer.post_attention_layernorm.weight), residual_2=cast(layer.post_attention_residual),
             gate_up=None if model.config.is_moe else linear((mlp.gate_proj.weight, mlp.gate_proj.bias),
                                                             (mlp.up_proj.weight, mlp.up_proj.bias)),
@@ -78,12 +79,13 @@ def decode_step(model, ids, cache, w):
     Doge.hidden_states for T = 1 (DogeAttention.forward, the decoder layer), on the fused weights w."""
     c, B = model.config, ids.size(0)
     H, G, D, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-    cos, sin = model.rope_cos[cache.length], model.rope_sin[cache.length]
+    cos, sin = model.rope(cache.length, 1)  # [1, D]
     x = model.model.embed_tokens(ids).to(w.dtype)  # [B, C]: the rows looked up, not a copy of the table
     for i, (layer, lw) in enumerate(zip(model.model.layers, w.layers)):
-        qk, v, dt = lw.qkv_dt(rms_norm(x, lw.norm_1, eps)).split([(H + G) * D, G * D, G], dim=-1)
-        qk = apply_rope(rms_norm(qk.view(B, H + G, D), lw.qk_norm, eps), cos, sin)  # q and k heads together
-        dt = torch.exp(lw.A * F.softplus(dt)).to(w.dtype)  # [B, G]
+        qk, v, dt = lw.qkv_dt(rms_norm(x, lw.norm_1, eps)).split([(H + G) * D, G * D, c.mask_heads], dim=-1)
+        qk = qk.view(B, H + G, D) if lw.qk_norm is None else rms_norm(qk.view(B, H + G, D), lw.qk_norm, eps)
+        qk = apply_rope(qk, cos, sin)  # q and k heads together
+        dt = torch.exp(lw.A * F.softplus(dt)).to(w.dtype)  # [B, G] (or [B, H])
         k, v, dt = cache.update(i, qk[:, H:, None], v.view(B, G, 1, D), dt[:, :, None])
         y = attention_with_bias(qk[:, :H, None], k, v, dynamic_mask(dt, 1, c.keep_window_size), 0.0)
         x = torch.addcmul(lw.o(y.view(B, H * D)), x, lw.residual_1)  # residual_1 * x + attention

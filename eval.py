@@ -55,6 +55,7 @@ from post_training import evaluate_accuracy
 
 DEFAULTS = dict(
     init_from="",  # out dir (its newest checkpoint) | ckpt file | Hugging Face dir | hub id; "" = what out/ got last
+    tokenizer="",  # a Hugging Face dir's tokenizer, if it has none beside it: tokenizer.json | its dir | hub id
     tasks="mmlu,triviaqa,arc_easy,arc_challenge,piqa,hellaswag,openbookqa,winogrande",  # and/or arithmetic
     num_fewshot=5,        # the seed's five-shot
     limit=0,              # score only the first `limit` examples of each task (each MMLU subject); 0 = all
@@ -402,7 +403,7 @@ def load(cfg):
     device = common.setup_distributed(cfg.device).device
     dtype, why = common.resolve_dtype(cfg.dtype, device)
     print(f"evaluating {init_from} on {device} | {why}", file=sys.stderr)
-    model, tok, _ = ckpt.load_model(init_from, device)
+    model, tok, _ = ckpt.load_model(init_from, device, cfg.tokenizer)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{init_from}: its tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: the checkpoint's tokenizer is not the model's")

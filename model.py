@@ -6,9 +6,10 @@ state_dict is a Hugging Face checkpoint as it is. Shapes: B batch, T query lengt
 H query heads, G key/value heads, D head dim. Fast generation for each device lives in engine.py.
 """
 import os
+import re
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -46,10 +47,16 @@ class DogeConfig:
     pad_token_id: int = None
     bos_token_id: int = None
     eos_token_id: int = None
+    # {"rope_type": "dynamic", "factor": f, ...} as in the published config.json (None: plain RoPE); see rope_cos_sin
+    rope_scaling: dict = None
+    # the layout of small-doge's own modeling code (the -Instruct checkpoints): no q/k norms, A and dt_proj per
+    # query head, so each query head has its own dynamic mask
+    mask_per_query_head: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        self.rope_scaling = check_rope_scaling(self.rope_scaling)
         if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
                              f"num_key_value_heads {self.num_key_value_heads} must divide each other in that order")
@@ -60,12 +67,32 @@ class DogeConfig:
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def mask_heads(self):
+        """Heads of the dynamic mask (of A and dt_proj): kv heads, or query heads in small-doge's layout."""
+        return self.num_attention_heads if self.mask_per_query_head else self.num_key_value_heads
+
+    @property
+    def max_sequence_length(self):
+        """The longest sequence the model takes: max_position_embeddings, factor times it with dynamic NTK RoPE."""
+        factor = self.rope_scaling["factor"] if self.rope_scaling else 1
+        return int(self.max_position_embeddings * factor)
+
+    def length_limit(self):
+        """max_sequence_length in words, for errors."""
+        if not self.rope_scaling:
+            return f"max_position_embeddings {self.max_position_embeddings}"
+        return (f"{self.max_sequence_length} positions (max_position_embeddings {self.max_position_embeddings} x "
+                f"the dynamic RoPE factor {self.rope_scaling['factor']:g})")
+
     def to_hf_dict(self):
         """config.json as transformers writes it for DogeForCausalLM."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rope_theta"}
+        skip = {"rope_theta", "rope_scaling"} | ({"mask_per_query_head"} if not self.mask_per_query_head else set())
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        rope = self.rope_scaling or {"rope_type": "default"}
         d.update(architectures=["DogeForCausalLM"], model_type="doge", dtype="float32", use_cache=True,
                  sliding_window=None, output_router_logits=False,
-                 rope_parameters={"rope_type": "default", "rope_theta": float(self.rope_theta)})
+                 rope_parameters={**rope, "rope_theta": float(self.rope_theta)})
         return dict(sorted(d.items()))
 
     @classmethod
@@ -73,17 +100,35 @@ class DogeConfig:
         """A DogeConfig from a Hugging Face config.json dict; what nanodoge cannot compute is an error."""
         if d.get("model_type") != "doge":
             raise ValueError(f"{source} is a config of model_type {d.get('model_type')!r}, not 'doge'")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise ValueError(f"{source}: rope_type {rope.get('rope_type')!r} is not supported (only 'default')")
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        try:
+            rope_scaling = check_rope_scaling({k: v for k, v in rope.items() if k != "rope_theta"} or None)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
         if d.get("sliding_window") is not None:
             raise ValueError(f"{source}: sliding_window attention is not supported")
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in names}
         values["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        values["rope_scaling"] = rope_scaling
         if isinstance(values.get("eos_token_id"), list):  # generation takes a list; the config keeps the first
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         return cls(**values)
+
+def check_rope_scaling(rope):
+    """The rope block of a config (transformers' rope_type, or the legacy type), normalised: None for plain RoPE,
+    {"rope_type": "dynamic", "factor": f, ...} for dynamic NTK; any other type is an error."""
+    if not rope:
+        return None
+    rope = dict(rope)
+    rope_type = rope.pop("rope_type", rope.pop("type", None))
+    if rope_type == "default":
+        return None
+    if rope_type != "dynamic":
+        raise ValueError(f"rope_type {rope_type!r} is not supported (only 'default' and 'dynamic')")
+    if not isinstance(rope.get("factor"), (int, float)) or rope["factor"] < 1:
+        raise ValueError(f"dynamic RoPE needs a factor >= 1, got {rope.get('factor')!r}")
+    return {"rope_type": "dynamic", **rope, "factor": float(rope["factor"])}
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -102,11 +147,19 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
 
-def rope_cos_sin(config):
-    """RoPE tables [max_position_embeddings, D]: angle position * theta^(-2i/D), duplicated to D."""
-    D = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float) / D))
-    angles = torch.arange(config.max_position_embeddings, dtype=torch.float)[:, None] * inv_freq
+def rope_cos_sin(config, start, end):
+    """RoPE tables [end - start, D] of positions start..end-1: angle position * base^(-2i/D), duplicated to D.
+    base is theta, except with dynamic NTK RoPE for a sequence of L = end > max_position_embeddings positions
+    (transformers' _compute_dynamic_ntk_parameters, in float32 as there): every position of it is rotated with
+    base = theta * (factor * L / max_position_embeddings - (factor - 1)) ^ (D / (D - 2)), which stretches the
+    slowest frequencies over the longer sequence."""
+    D, L_max = config.head_dim, config.max_position_embeddings
+    base = torch.tensor(config.rope_theta, dtype=torch.float)
+    if config.rope_scaling and end > L_max:
+        factor = config.rope_scaling["factor"]
+        base = base * ((factor * torch.tensor(end) / L_max) - (factor - 1)) ** (D / (D - 2))
+    inv_freq = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float) / D))
+    angles = torch.arange(start, end, dtype=torch.float)[:, None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -138,16 +191,18 @@ def repeat_kv(x, n):
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 def attention_with_bias(q, k, v, bias, dropout_p):
-    """softmax(q k^T / sqrt(D) + bias) v with GQA: q [B,H,T,D], k and v [B,G,S,D], bias [B,G,T,S]."""
+    """softmax(q k^T / sqrt(D) + bias) v with GQA: q [B,H,T,D], k and v [B,G,S,D], bias [B,G,T,S] (one per kv
+    head) or [B,H,T,S] (one per query head, small-doge's layout)."""
     B, H, T, D = q.shape
     G = k.size(1)
     bias = bias.to(q.dtype)
     if T == 1:  # a decode step: the H/G query heads of a kv group are H/G query rows under the group's bias
+        bias = bias.reshape(B, G, H // G, -1) if bias.size(1) == H else bias  # or each row under its own
         y = F.scaled_dot_product_attention(q.view(B, G, H // G, D), k, v, attn_mask=bias, dropout_p=dropout_p)
         return y.view(B, H, 1, D)
     n = H // G
-    return F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n), attn_mask=repeat_kv(bias, n),
-                                          dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n), repeat_kv(v, n),
+                                          attn_mask=repeat_kv(bias, H // bias.size(1)), dropout_p=dropout_p)
 
 # The folded head size: one coordinate for dt, padded so that the head size stays a multiple of 8, which the
 # GPU's flash, cuDNN and memory-efficient kernels require (else SDPA falls back to the T x T math kernel).
@@ -157,8 +212,11 @@ def causal_attention_folded(q, k, v, dt, dropout_p):
     """attention_with_bias for a full causal sequence without top-k (S = T <= keep_window_size), equal to it
     (tests/test_model.py holds them equal) but with no T x T mask. The dynamic mask is one bias per key, the same
     for every query, so it is an extra key coordinate: [q, 1] . [k, dt * sqrt(D)] / sqrt(D) = q.k / sqrt(D) + dt.
-    SDPA then runs with is_causal=True on a fused kernel, gradient to dt included."""
+    SDPA then runs with is_causal=True on a fused kernel, gradient to dt included. dt [B, G, S], or [B, H, S]
+    with a mask per query head: then every query head gets its own copy of its kv head's keys."""
     B, H, T, D = q.shape
+    if dt.size(1) != k.size(1):
+        k, v = repeat_kv(k, H // k.size(1)), repeat_kv(v, H // v.size(1))
     n = H // k.size(1)
     one = torch.zeros(FOLD, dtype=q.dtype, device=q.device)
     one[0] = 1
@@ -179,12 +237,12 @@ class KVCache:
         self.k, self.v, self.dt = [None] * num_layers, [None] * num_layers, [None] * num_layers
 
     def update(self, layer, k, v, dt):
-        """Append k, v [B,G,T,D] and dt [B,G,T] at self.length; return everything so far."""
+        """Append k, v [B,G,T,D] and dt [B,G,T] (or [B,H,T]) at self.length; return everything so far."""
         if self.k[layer] is None:
             B, G, _, D = k.shape
             self.k[layer] = k.new_empty(B, G, self.max_len, D)
             self.v[layer] = v.new_empty(B, G, self.max_len, D)
-            self.dt[layer] = dt.new_empty(B, G, self.max_len)
+            self.dt[layer] = dt.new_empty(B, dt.size(1), self.max_len)
         start, end = self.length, self.length + k.size(2)
         if self.padding is not None and start == 0:
             dt = dt.masked_fill(self.padding[:, None, :end], PAD_BIAS)
@@ -202,27 +260,28 @@ PAD_BIAS = -65504.0
 
 class DogeAttention(nn.Module):
     """Dynamic mask attention: GQA whose additive mask comes from the keys' values,
-    dt = exp(A * softplus(dt_proj(v))) per key and kv head."""
+    dt = exp(A * softplus(dt_proj(v))) per key and kv head. In small-doge's layout (mask_per_query_head) dt is
+    per key and query head and q, k are not normalised: the one difference between the two."""
     def __init__(self, config, layer_idx):
         super().__init__()
-        H, G, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        H, G, D, M = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.mask_heads
         self.layer_idx, self.head_dim = layer_idx, D
         self.keep_window_size, self.attention_dropout = config.keep_window_size, config.attention_dropout
         self.q_proj = nn.Linear(config.hidden_size, H * D, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, G * D, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, G * D, bias=config.attention_bias)
-        self.A = nn.Parameter(torch.zeros(G))  # zeros: dt = 1 for every key, a neutral mask at init
-        self.dt_proj = nn.Linear(G * D, G, bias=config.attention_bias)
+        self.A = nn.Parameter(torch.zeros(M))  # zeros: dt = 1 for every key, a neutral mask at init
+        self.dt_proj = nn.Linear(G * D, M, bias=config.attention_bias)
         self.o_proj = nn.Linear(H * D, config.hidden_size, bias=config.attention_bias)
-        self.q_norm = RMSNorm(D, config.rms_norm_eps)
-        self.k_norm = RMSNorm(D, config.rms_norm_eps)
+        norm = (lambda: nn.Identity()) if config.mask_per_query_head else (lambda: RMSNorm(D, config.rms_norm_eps))
+        self.q_norm, self.k_norm = norm(), norm()
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, H, T, D]
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)  # [B, G, T, D]
         v = self.v_proj(x)                                                             # [B, T, G*D]
-        dt = torch.exp(self.A * F.softplus(self.dt_proj(v))).to(v.dtype).transpose(1, 2)  # [B, G, T]
+        dt = torch.exp(self.A * F.softplus(self.dt_proj(v))).to(v.dtype).transpose(1, 2)  # [B, G or H, T]
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)                           # [B, G, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -314,9 +373,9 @@ def check_generation(model, idx, max_new_tokens, attention_mask):
     """One-line errors for a prompt that cannot be generated from; returns its padding mask [B, T] (or None)."""
     model.check_input(idx)
     T = idx.size(1)
-    if T + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds max_position_embeddings "
-                         f"{model.config.max_position_embeddings}: ask for fewer tokens or shorten the prompt")
+    if T + max_new_tokens > model.config.max_sequence_length:
+        raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds "
+                         f"{model.config.length_limit()}: ask for fewer tokens or shorten the prompt")
     if attention_mask is None or attention_mask.all():
         return None
     padding = attention_mask == 0
@@ -388,7 +447,7 @@ class Doge(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_cos_sin(config)
+        cos, sin = rope_cos_sin(config, 0, config.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -403,12 +462,23 @@ class Doge(nn.Module):
         if isinstance(module, nn.Embedding) and module.padding_idx is not None:
             nn.init.zeros_(module.weight[module.padding_idx])
 
+    def rope(self, start, T):
+        """cos, sin [T, D] of positions start..start+T-1: the tables, or past max_position_embeddings the dynamic
+        NTK ones for a sequence ending at start + T. A KV-cached generation past it thus rotates the prompt with the
+        base of its own length and each new token with the base of the length so far, keys kept as cached: what
+        transformers' generate computes from a fresh model (its rotary module keeps the largest base it has seen
+        until a call within max_position_embeddings resets it; that state is not imitated here)."""
+        if start + T <= self.rope_cos.size(0):
+            return self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        cos, sin = rope_cos_sin(self.config, start, start + T)
+        return cos.to(self.rope_cos.device), sin.to(self.rope_cos.device)
+
     def check_input(self, idx):
         """One-line errors for what would otherwise fail deep inside (or, on a GPU, asynchronously)."""
-        V, T_max = self.config.vocab_size, self.config.max_position_embeddings
+        V, T_max = self.config.vocab_size, self.config.max_sequence_length
         if idx.size(1) > T_max:
-            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than max_position_embeddings "
-                             f"{T_max}: shorten it or build the model with a larger max_position_embeddings")
+            raise ValueError(f"sequence of {idx.size(1)} tokens is longer than {self.config.length_limit()}: "
+                             "shorten it or build the model with a larger max_position_embeddings")
         if idx.numel() and ((idx < 0) | (idx >= V)).any():
             raise ValueError(f"token ids must lie in [0, {V}) (the vocabulary); got min {idx.min().item()}, "
                              f"max {idx.max().item()}: is the tokenizer the model's?")
@@ -418,7 +488,7 @@ class Doge(nn.Module):
         and the MoE router logits of every layer."""
         start = cache.length if cache is not None else 0
         T = idx.size(1)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, D]
+        cos, sin = self.rope(start, T)  # [T, D]
         x = self.model.embed_tokens(idx)                                             # [B, T, C]
         router_logits = []
         for layer in self.model.layers:
@@ -514,24 +584,22 @@ class Doge(nn.Module):
         except json.JSONDecodeError as e:
             raise ValueError(f"{config_file} is not valid JSON ({e})") from None
         config = DogeConfig.from_hf_dict(config_dict, config_file)
+        state = rename_early_keys(read_checkpoint_tensors(path), path)
+        A = state.get("model.layers.0.self_attn.A")
+        if A is not None and "model.layers.0.self_attn.q_norm.weight" not in state and \
+                A.numel() == config.num_attention_heads:  # small-doge's layout, known by its tensors
+            config = replace(config, mask_per_query_head=True)
         model = cls(config)
-        model.load_hf_state_dict(read_checkpoint_tensors(path), path)
+        model.load_hf_state_dict(state, path)
         return model
 
     def load_hf_state_dict(self, state, source):
         """Load tensors named as in transformers; any mismatch is a one-line error, never a half-loaded model."""
-        state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+        state = {k: v for k, v in state.items() if "rotary_emb." not in k}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        if any(k.startswith("model.word_embed") or ".pre_layernorm." in k or ".feed_forward." in k for k in state):
-            raise ValueError(f"{source} is an early SmallDoge checkpoint (keys model.word_embed, pre_layernorm, "
-                             "feed_forward): convert it with small-doge's converter to the transformers layout")
         expected = {k: v for k, v in self.state_dict().items()
                     if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
-        A = "model.layers.0.self_attn.A"
-        if A in state and "model.layers.0.self_attn.q_norm.weight" not in state:
-            raise ValueError(f"{source} is the older Doge variant (no q/k norms; A and dt_proj per query head: "
-                             f"A has shape {tuple(state[A].shape)}): it needs that variant's code, not this one")
         for k, v in state.items():
             if k in expected and v.shape != expected[k].shape:
                 raise ValueError(f"{source}: tensor {k} has shape {tuple(v.shape)} but config.json implies "
@@ -555,6 +623,27 @@ class Doge(nn.Module):
             f.write(json.dumps(self.config.to_hf_dict(), indent=2))
         os.replace(weights + ".tmp", weights)
         os.replace(config + ".tmp", config)
+
+# The first published layout's names (to spring 2025), as small-doge's converter renames them; the tensors are
+# those of small-doge's layout (A and dt_proj per query head, no q/k norms)
+EARLY_NAMES = [(r"^model\.word_embed\.", "model.embed_tokens."), (r"^model\.final_layernorm\.", "model.norm."),
+               (r"\.pre_layernorm\.", ".input_layernorm."), (r"\.pre_residual\.weight$", ".input_residual"),
+               (r"\.post_layernorm\.", ".post_attention_layernorm."),
+               (r"\.post_residual\.weight$", ".post_attention_residual"),
+               (r"\.feed_forward\.(gate_proj|up_proj|down_proj|router_gate|down_embed|up_embed)\.weight$",
+                r".mlp.\1.weight")]
+
+def rename_early_keys(state, source):
+    """state with the early names renamed to today's; a tensor no rename maps is a one-line error."""
+    renamed = {}
+    for key, tensor in state.items():
+        for pattern, name in EARLY_NAMES:
+            key = re.sub(pattern, name, key)
+        if ".feed_forward." in key:  # the March-2025 MoE: queries_proj and keys, a router of another form
+            raise ValueError(f"{source}: {key} cannot be mapped: the early MoE's router (feed_forward.queries_proj, "
+                             "keys, router biases) is not today's product-key router_gate")
+        renamed[key] = tensor
+    return renamed
 
 def pretrained_dir(path_or_hub_id):
     """The local directory of a Hugging Face-format checkpoint: the path itself, or a hub id's snapshot."""

@@ -23,6 +23,7 @@ from tokenizer import SYSTEM_PROMPT, render_chat
 
 DEFAULTS = dict(
     init_from="",  # out dir (its newest checkpoint) | ckpt file | Hugging Face dir | hub id; "" = what out/ got last
+    tokenizer="",  # a Hugging Face dir's tokenizer, if it has none beside it: tokenizer.json | its dir | hub id
     prompt="",           # the text to continue, or FILE:path to read it from a file
     start="",            # nanoGPT's name for prompt (give one of the two)
     num_samples=1,
@@ -60,7 +61,7 @@ def load(cfg):
     dtype, why = common.resolve_dtype(cfg.dtype, device)
     source = init_from if cfg.init_from else f"{init_from} (the model trained last: the newest under out/)"
     print(f"sampling {source} on {device} | {why}", file=sys.stderr)
-    model, tok, _ = ckpt.load_model(init_from, device)
+    model, tok, _ = ckpt.load_model(init_from, device, cfg.tokenizer)
     model = model.to(getattr(torch, dtype)).eval()  # weights in dtype: inference needs no fp32 master copy
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{init_from}: its tokenizer has {tok.vocab_size} tokens but the model only "
@@ -116,10 +117,10 @@ def complete(engine, tok, prompt, cfg, out=None):
     """Continue prompt num_samples times, printing each completion as it is made; returns the texts."""
     out = out or sys.stdout
     prompt_ids = tok.encode(prompt)
-    room = engine.model.config.max_position_embeddings - len(prompt_ids)
+    room = engine.model.config.max_sequence_length - len(prompt_ids)
     if room < 1:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens, no room is left in the model's "
-                         f"{engine.model.config.max_position_embeddings}-token context: shorten it")
+                         f"{engine.model.config.max_sequence_length}-token context: shorten it")
     completions = []
     for _ in range(cfg.num_samples):
         out.write(prompt)
@@ -151,7 +152,7 @@ def answer(engine, tok, cfg, messages, out):
     end_of_turn = tok.end_of_turn_id  # <|im_end|>, or the chat template's own
     think_open, think_close = tok.special_id("<think>"), tok.special_id("</think>")
     prompt_ids, _ = render_chat(tok, messages, add_generation_prompt=True)  # the same renderer as SFT
-    room = engine.model.config.max_position_embeddings - len(prompt_ids)
+    room = engine.model.config.max_sequence_length - len(prompt_ids)
     if room < 1:
         out.write("(the conversation fills the engine's context: /reset to start over)\n")
         return None

@@ -53,13 +53,18 @@ class Tokenizer:
         if self.vocab_size > MAX_VOCAB:
             raise ValueError(f"tokenizer vocabulary has {self.vocab_size} tokens, more than {MAX_VOCAB} "
                              "that uint16 token files can hold: use a smaller vocabulary")
-        self.special_ids = {name: self._special_id(name) for name in SPECIAL_TOKENS}
+        # a Hugging Face tokenizer may lack some (where the model's vocabulary has no room to add them)
+        self.special_ids = {name: self._special_id(name) for name in SPECIAL_TOKENS
+                            if self._special_id(name) is not None}
         self.special_names = {i: name for name, i in self.special_ids.items()}
-        self.eos_id = self.special_ids[EOS]
+        # the roles: the end of a text (a Hugging Face tokenizer's own eos), the end of a turn
+        self.eos_id = self._eos_id if kind == "hf" else self.special_ids[EOS]
         # a Hugging Face tokenizer's own chat template (tokenizer_config.json), else nanodoge's ChatML
         self.chat_template = state.get("chat_template")
-        self.end_of_turn_id = self.special_ids["<|im_end|>"] if not self.chat_template else template_end_of_turn(self)
-        self._tag_pattern = re.compile("(" + "|".join(re.escape(t) for t in REASONING_TAGS) + ")")
+        self.end_of_turn_id = self.special_ids.get("<|im_end|>") if not self.chat_template else \
+            template_end_of_turn(self)
+        tags = [t for t in REASONING_TAGS if t in self.special_ids]  # a missing tag is plain text
+        self._tag_pattern = re.compile("(" + "|".join(re.escape(t) for t in tags) + ")" if tags else "(?!)")
 
     # --- backends: each sets vocab_size, _special_id(name), _encode_plain(texts), _decode_plain(ids)
 
@@ -91,17 +96,32 @@ class Tokenizer:
         self._decode_plain = enc.decode
 
     def _init_hf(self, json_text):
+        """The tokenizer's own special tokens fill nanodoge's roles: the model's eos_token_id (model_eos_id) or
+        the tokenizer's eos ends a text, its chat template's token ends a turn. nanodoge's tokens it lacks are
+        added only below model_vocab_size (the model's vocabulary; no limit where no model is known): a
+        missing end of text, ChatML's tokens where there is no template, the reasoning tags."""
         from tokenizers import Tokenizer as HFTokenizer, AddedToken
         try:
             tok = HFTokenizer.from_str(json_text)
         except Exception as e:
             raise ValueError(f"not a valid tokenizer.json ({str(e)[:100]})") from None
-        missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
-        if missing:
-            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        eos_id = self._state.get("model_eos_id")
+        if eos_id is None and self._state.get("eos_token"):
+            eos_id = tok.token_to_id(self._state["eos_token"])
+        wanted = ([EOS] if eos_id is None else []) + (CHAT_TOKENS if not self._state.get("chat_template") else []) \
+            + REASONING_TAGS
+        room = self._state.get("model_vocab_size") or MAX_VOCAB
+        for name in [t for t in wanted if tok.token_to_id(t) is None]:
+            if tok.get_vocab_size(with_added_tokens=True) < room:
+                tok.add_special_tokens([AddedToken(name, special=True, normalized=False)])
+        self._eos_id = eos_id if eos_id is not None else tok.token_to_id(EOS)
+        if self._eos_id is None:
+            raise ValueError(f"the tokenizer has no end-of-text token (no eos_token, no {EOS}) and the model's "
+                             f"{room} ids have no room for one: give its config.json an eos_token_id")
         tok.encode_special_tokens = True  # special tokens typed in text are encoded as plain text
         self._hf = tok
         self._state["json"] = tok.to_str()  # with the specials added: ids stay stable when saved and reloaded
+        self._state["model_eos_id"] = self._eos_id
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self._special_id = tok.token_to_id
         encode_one = lambda text: tok.encode(text, add_special_tokens=False).ids
@@ -121,6 +141,8 @@ class Tokenizer:
         kind = self._state["kind"]
         entry = {"kind": kind, "name": self._state["name"]} if kind == "tiktoken" else \
                 {"kind": kind, "file": "tokenizer.model" if kind == "sentencepiece" else "tokenizer.json"}
+        if kind == "hf":  # what decided its roles and added tokens, so that loading it decides the same
+            entry.update(model_vocab_size=self._state.get("model_vocab_size"), model_eos_id=self.eos_id)
         if kind != "tiktoken":
             data = self._state["model" if kind == "sentencepiece" else "json"]
             common.write_file(os.path.join(directory, entry["file"]), data)
@@ -132,9 +154,10 @@ class Tokenizer:
         common.write_file(os.path.join(directory, "meta.json"), json.dumps(info, indent=2))
 
     def special_id(self, name):
-        if name not in self.special_ids:
+        """The id of one of nanodoge's special tokens; None for one a Hugging Face tokenizer lacks."""
+        if name not in SPECIAL_TOKENS:
             raise ValueError(f"{name!r} is not a special token; they are {SPECIAL_TOKENS}")
-        return self.special_ids[name]
+        return self.special_ids.get(name)
 
     def encode(self, text):
         return self.encode_batch([text])[0]
@@ -235,9 +258,11 @@ def train_sentencepiece(texts, vocab_size):
     return Tokenizer({"kind": "sentencepiece", "model": model.getvalue()})
 
 
-def hf_tokenizer(path_or_hub_id):
+def hf_tokenizer(path_or_hub_id, model_vocab_size=None, model_eos_id=None):
     """A Tokenizer from a tokenizer.json file, a directory holding one, or a hub id (online), with the chat
-    template of the tokenizer_config.json beside it, if there is one."""
+    template of the tokenizer_config.json beside it, if there is one. model_vocab_size and model_eos_id: the
+    model's vocabulary size and eos_token_id (Tokenizer._init_hf), by default those of the model files beside
+    it (generation_config.json, config.json), if any."""
     path = path_or_hub_id
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
@@ -258,11 +283,36 @@ def hf_tokenizer(path_or_hub_id):
             config_path = hf_hub_download(path_or_hub_id, "tokenizer_config.json")
         except Exception:
             config_path = ""  # a tokenizer without one: ChatML
+    beside = model_settings(os.path.dirname(path))
+    model_vocab_size = model_vocab_size or beside.get("vocab_size")
+    model_eos_id = model_eos_id if model_eos_id is not None else beside.get("eos_id")
     with open(path, encoding="utf-8") as f:
         try:
-            return Tokenizer({"kind": "hf", "json": f.read(), **chat_template_of(config_path)})
+            return Tokenizer({"kind": "hf", "json": f.read(), **chat_template_of(config_path),
+                              "model_vocab_size": model_vocab_size, "model_eos_id": model_eos_id})
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+
+
+def model_settings(directory):
+    """{vocab_size, eos_id} of the Hugging Face model in directory: config.json's vocab_size, and the eos_token_id
+    that transformers' generate stops at (generation_config.json's, else config.json's; the first of a list)."""
+    settings = {}
+    for name in ("config.json", "generation_config.json"):  # the later file wins
+        file = os.path.join(directory, name)
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                try:
+                    values = json.load(f)
+                except ValueError:
+                    raise ValueError(f"{file} is not valid JSON") from None
+            eos = values.get("eos_token_id")
+            eos = eos[0] if isinstance(eos, list) and eos else eos
+            if isinstance(eos, int):
+                settings["eos_id"] = eos
+            if isinstance(values.get("vocab_size"), int):
+                settings["vocab_size"] = values["vocab_size"]
+    return settings
 
 
 def chat_template_of(config_path):
@@ -304,7 +354,8 @@ def load_tokenizer(data_dir):
     if kind == "hf":
         with open(file_path, encoding="utf-8") as f:
             return Tokenizer({"kind": "hf", "json": f.read(),
-                              **chat_template_of(os.path.join(data_dir, "tokenizer_config.json"))})
+                              **chat_template_of(os.path.join(data_dir, "tokenizer_config.json")),
+                              "model_vocab_size": info.get("model_vocab_size"), "model_eos_id": info.get("model_eos_id")})
     raise ValueError(f"{meta_path} names an unknown tokenizer kind {kind!r}")
 
 # -----------------------------------------------------------------------------
@@ -390,6 +441,9 @@ def render_chat(tok, messages, add_generation_prompt=False):
     if tok.chat_template:
         return template_chat(tok, messages, add_generation_prompt)
     start, end = tok.special_id("<|im_start|>"), tok.special_id("<|im_end|>")
+    if start is None or end is None:
+        raise ValueError("the tokenizer has no chat template, and the model's vocabulary no room for ChatML's "
+                         "<|im_start|> and <|im_end|>: give it a tokenizer_config.json with a chat_template")
     pieces = []
     for message in messages:
         pieces += [message["role"] + "\n", message["content"]]

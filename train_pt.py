@@ -66,21 +66,20 @@ def unigram_loss(train_data, val_data, vocab_size):
     return float(-log_probs[val_data].mean())
 
 def build_model(cfg, tok, checkpoint):
-    """A fresh Doge, the model of a nanodoge checkpoint, or a published Hugging Face Doge."""
-    if cfg.init_from == "scratch" or checkpoint is not None:
-        values = {key: getattr(cfg, key) for key in MODEL_KEYS}
-        values["vocab_size"] = values["vocab_size"] or tok.vocab_size
-        if checkpoint is not None:
-            for key, value in values.items():
-                if checkpoint["model_config"][key] != value:
-                    raise ValueError(f"{cfg.init_from} is a checkpoint of another shape: its {key} is "
-                                     f"{checkpoint['model_config'][key]}, the config says {value}")
-            values = checkpoint["model_config"]
-        model = Doge(DogeConfig(**values))
-        if checkpoint is not None:
-            ckpt.load_state_dict_checked(model, checkpoint["model"], cfg.init_from)
-        return model
-    return ckpt.load_model(cfg.init_from, "cpu")[0]
+    """(model, checkpoint to continue, growth note) for a fresh Doge, a nanodoge checkpoint or a published Hugging
+    Face Doge; --is_moe=True on a dense one grows it into a CDMoE (checkpoint.fit_model): a fresh optimizer."""
+    values = {key: getattr(cfg, key) for key in MODEL_KEYS}
+    values["vocab_size"] = values["vocab_size"] or tok.vocab_size
+    if cfg.init_from == "scratch":
+        return Doge(DogeConfig(**values)), None, None
+    if checkpoint is not None:
+        model = Doge(DogeConfig(**checkpoint["model_config"]))
+        ckpt.load_state_dict_checked(model, checkpoint["model"], cfg.init_from)
+    else:  # a Hugging Face model has its own shape: only what the run sets away from the defaults is checked
+        model = ckpt.load_model(cfg.init_from, "cpu")[0]
+        values = {key: getattr(cfg, key) for key in MODEL_KEYS if getattr(cfg, key) != DEFAULTS[key]}
+    model, grown = ckpt.fit_model(model, values, cfg.init_from)
+    return model, None if grown else checkpoint, grown
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
@@ -97,7 +96,10 @@ def main(argv=None):
         # continue another run with its optimizer and step, e.g. a stable-phase WSD checkpoint on new data
         # with a new max_steps, so that only the final decay is new
         checkpoint = ckpt.load_checkpoint(cfg.init_from)
-    model = build_model(cfg, tok, checkpoint).to(run.device)
+    model, checkpoint, grown = build_model(cfg, tok, checkpoint)
+    model = model.to(run.device)
+    if grown and run.master:
+        print(grown)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: set vocab_size >= {tok.vocab_size}")
