@@ -96,6 +96,12 @@ def read_array(path):
                          f"{(file_size - HEADER_INTS * 4) // dtype.itemsize}; re-run prepare_data.py --force")
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(count,))
 
+def array_max_value(path):
+    """The largest value in an array file (0 for an empty one): what a training script compares with the
+    model's vocabulary once per token file instead of checking the ids of every batch."""
+    array = read_array(path)
+    return int(array.max()) if len(array) else 0
+
 def write_ragged(prefix, examples):
     """Store variable-length (ids, mask) examples as three flat arrays: tokens, mask, offsets (n+1)."""
     tokens, masks, offsets = [], [], [0]

@@ -100,7 +100,7 @@ def test_step_does_not_depend_on_the_micro_batch_size(loss_type, beta, num_itera
         model.zero_grad()
         loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, old, ref, cfg, 1, contextlib.nullcontext,
                                              torch.amp.GradScaler("cpu", enabled=False))
-        results.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     for loss, grad in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
         assert torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-7)
@@ -327,7 +327,7 @@ def _two_process_grpo_step(rank, port, path):
     mine = slice(4 * rank, 4 * rank + 4)
     loss, _ = train_grpo.policy_backward(ddp, ids[mine], mask[mine], advantages[mine], None, None, cfg, 2,
                                          contextlib.nullcontext, torch.amp.GradScaler("cpu", enabled=False))
-    total = torch.tensor(loss)
+    total = loss.clone()
     dist.all_reduce(total)
     if rank == 0:
         torch.save((total.item(), [p.grad for p in model.parameters()]), path)
@@ -355,6 +355,7 @@ def test_two_processes_take_the_step_of_one(tmp_path):
     model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=8)
     loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, None, None, cfg, 1, contextlib.nullcontext,
                                          torch.amp.GradScaler("cpu", enabled=False))
+    loss = loss.item()
     path = str(tmp_path / "rank0.pt")
     mp.spawn(_two_process_grpo_step, args=(29561, path), nprocs=2)
     two_loss, two_grads = torch.load(path)
