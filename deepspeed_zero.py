@@ -1,6 +1,7 @@
 """
-DeepSpeed ZeRO stage 1/2/3 behind the same four calls as training.DDPBackend (model, no_sync, backward, step,
-gathered, save), so a stage's loop reads the same with either backend. Imported only with backend=deepspeed.
+DeepSpeed ZeRO stage 1/2/3 behind the calls of training.DDPBackend (.model, no_sync, backward, step, gathered,
+save), so a stage's loop reads the same with either backend. Imported only with backend=deepspeed (by
+training.make_backend).
 """
 import os
 import shutil
@@ -9,7 +10,6 @@ import contextlib
 import torch.distributed as dist
 
 import checkpoint as ckpt
-from training import save_training_state
 
 class DeepSpeedBackend:
     """ZeRO around a plain torch AdamW (DeepSpeed's own Adam would JIT-build an op); resuming, the engine reloads
@@ -72,7 +72,7 @@ class DeepSpeedBackend:
             fp32 = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag)
             state["model"] = {key: fp32[key].clone() for key in state["model"]}  # tied weights: one tensor each
             state["deepspeed_tag"] = tag
-            save_training_state(cfg, run, state)
+            print(f"saved {ckpt.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
             kept = {f"step{os.path.basename(p)[5:12]}" for p in ckpt.checkpoint_paths(cfg.out_dir)}
             for old in set(os.listdir(ds_dir)) - kept:  # the engine's shards of rotated-out checkpoints
                 if old.startswith("step"):

@@ -283,7 +283,10 @@ def load_balancing_loss(router_logits, top_k):
     K = logits.size(-1)
     all_scores = (logits[:, 0, :, None] + logits[:, 1, None, :]).flatten(1)  # [L*N, K*K], expert i*K + j
     chosen = all_scores.topk(top_k, dim=-1).indices.flatten()
-    tokens_per_expert = torch.bincount(chosen, minlength=K * K).to(logits.dtype) / chosen.numel()
+    # counts per expert with a shape fixed by K (bincount's depends on the largest id: a host read, a graph break)
+    counts = torch.zeros(K * K, dtype=logits.dtype, device=logits.device).scatter_add_(
+        0, chosen, torch.ones_like(chosen, dtype=logits.dtype))
+    tokens_per_expert = counts / chosen.numel()
     prob_per_expert = F.softmax(all_scores, dim=-1).mean(0)
     return K * K * (tokens_per_expert * prob_per_expert).sum()
 

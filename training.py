@@ -115,7 +115,7 @@ def grad_accum_steps(batch_tokens, tokens_per_micro_batch, world_size):
 def to_device(tensor, device):
     """A host tensor on the device. On CUDA from pinned memory and non-blocking: the copy runs while the GPU
     still computes the micro-step queued before it (from pageable memory it would wait for it)."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 

@@ -212,7 +212,7 @@ def sft_model(tmp_path_factory, tiny_data):
     train_sft.main([f"--data_dir={data_dir}", f"--init_from={root / 'init'}", f"--out_dir={root / 'sft'}",
                     "--max_steps=100", "--batch_size=16", "--batch_examples=16", "--seq_len=256",
                     "--learning_rate=3e-3", "--eval_interval=1000", "--ckpt_interval=1000", "--eval_examples=8",
-                    "--log_interval=50", *SYSTEM])
+                    "--log_interval=50", "--compile=False", *SYSTEM])
     return root, data_dir
 
 
@@ -287,9 +287,10 @@ def test_offline_chain_runs_end_to_end(tmp_path):
     toy_model = ("--hidden_size=32 --intermediate_size=64 --num_hidden_layers=1 --num_attention_heads=2 "
                  "--num_key_value_heads=1 --max_position_embeddings=512 --keep_window_size=512")
     env = dict(os.environ, OUT=str(tmp_path / "out"), DATA=str(tmp_path / "data"),
-               PT_ARGS=f"{toy_model} --seq_len=32 --batch_size=2 --batch_tokens=64 --eval_batches=1",
-               SFT_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --max_new_tokens=8",
-               DPO_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2",
+               PT_ARGS=f"{toy_model} --seq_len=32 --batch_size=2 --batch_tokens=64 --eval_batches=1 --compile=False",
+               SFT_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --max_new_tokens=8 "
+                        "--compile=False",
+               DPO_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --compile=False",
                GRPO_ARGS="--prompts_per_step=2 --num_generations=2 --eval_prompts=2 --max_completion_length=8 "
                          "--batch_size=4")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

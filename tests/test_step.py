@@ -153,3 +153,21 @@ def test_compiled_generation_gives_the_eager_tokens(dtype):
         eager = Engine(model).generate(idx, 12, temperature=0.0)
         compiled = Engine(model, compile=True).generate(idx, 12, temperature=0.0)
     assert torch.equal(compiled, eager)
+
+
+def test_moe_training_forward_compiles_to_one_graph():
+    """The MoE forward with targets (product-key routing and the load-balancing loss) has no data-dependent shape
+    either: one graph under fullgraph=True, equal to eager."""
+    torch.manual_seed(0)
+    model = Doge(DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, is_moe=True, num_experts=16,
+                            num_experts_per_tok=4)).train()
+    idx = torch.randint(97, (2, 12))
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    torch._dynamo.reset()
+    _, loss = torch.compile(model, backend=counting_backend, fullgraph=True)(idx, idx)
+    assert len(graphs) == 1 and abs(loss.item() - model(idx, idx)[1].item()) <= 1e-6
