@@ -7,7 +7,8 @@ training loss against F.cross_entropy, the Engine against model.generate. MFU is
 (back-to-back large matmuls in the same dtype), not a datasheet number. GPU timers synchronize.
 
     python bench.py                         # Doge-20M shape, B=8, T=512
-    python bench.py --compile=True          # also torch.compile (about a minute per dtype on a cold cache)
+    python bench.py --compile=True          # also torch.compile rows where auto leaves them out (about a minute
+                                            # per dtype on a cold cache); --compile=False: eager rows only
     python bench.py --dtypes=float32 --reference=False
 """
 import time
@@ -18,14 +19,15 @@ import torch
 import common
 from engine import Engine
 from model import Doge, DogeConfig
-from training import training_cross_entropy
+from training import training_cross_entropy, resolve_compile
 
 DEFAULTS = dict(
     # model shape (Doge-20M)
     vocab_size=32768, hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=2,
     num_key_value_heads=1, tie_word_embeddings=True,
     # training step
-    batch_size=8, seq_len=512, warmup_steps=1, timed_steps=5, dtypes="float32,bfloat16", compile=False,
+    batch_size=8, seq_len=512, warmup_steps=1, timed_steps=5, dtypes="float32,bfloat16",
+    compile="auto",  # compiled rows beside the eager ones where training compiles by default (training.resolve_compile)
     # generation: greedy batch 1; GRPO-style rollouts (sampled, rollout_batch rows); the cost of a decode step
     # early and late in a long completion (constant with the KV cache, up to keep_window_size)
     new_tokens=128, prompt_len=16, ttft_prompt_len=512, generation_rounds=3, rollout_batch=64, rollout_tokens=96, long_tokens=1024,
@@ -143,6 +145,8 @@ def main(argv=None):
     print(f"Doge: {n_params / 1e6:.1f}M parameters, {flops_per_token / 1e6:.0f} MFLOP per training token at "
           f"T={cfg.seq_len}; {torch.get_num_threads()} threads on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else torch.backends.cpu.get_cpu_capability()})")
+    compiled, why = resolve_compile(cfg.compile, device)
+    print(why)
     reference = None
     if cfg.reference:
         try:
@@ -163,8 +167,8 @@ def main(argv=None):
         runs = {("nanodoge", dtype, False): (model, ours_loss(training_cross_entropy(device, compiled=False)))}
         if training_cross_entropy(device, compiled=False) is not None:
             runs[("nanodoge F.cross_entropy", dtype, False)] = (model, ours_loss(None))
-        if cfg.compile:
-            runs[("nanodoge", dtype, True)] = (torch.compile(model), ours_loss(None))
+        if compiled:  # as the training scripts compile it
+            runs[("nanodoge", dtype, True)] = (torch.compile(model, fullgraph=True), ours_loss(None))
         if reference is not None:
             runs[("transformers", dtype, False)] = (reference, reference_loss)
         labels = [f"{who} {dtype}{' compiled' if compiled else ''}" for who, dtype, compiled in runs]
@@ -180,7 +184,7 @@ def main(argv=None):
     for dtype in dtypes:
         generators[("nanodoge", dtype, False)] = lambda p, n: engine.generate(p, n, temperature=0.0)
         generators[("nanodoge model.generate", dtype, False)] = lambda p, n: model.generate(p, n, temperature=0.0)
-        if cfg.compile:  # as sample.py --compile does it
+        if compiled:  # as sample.py --compile does it
             compiled_engine = Engine(model, compile=True)
             generators[("nanodoge", dtype, True)] = lambda p, n: compiled_engine.generate(p, n, temperature=0.0)
         if reference is not None:

@@ -167,6 +167,12 @@ def array_max_value(path):
         largest = int(array.max()) if len(array) else 0
     return largest
 
+def array_max_value(path):
+    """The largest value in an array file (0 for an empty one): what a training script compares with the
+    model's vocabulary once per token file instead of checking the ids of every batch."""
+    array = read_array(path)
+    return int(array.max()) if len(array) else 0
+
 def write_ragged(prefix, examples):
     """Store variable-length (ids, mask) examples as three flat arrays: tokens, mask, offsets (n+1); returns
     how many tokens. The examples may be a stream: they are written as they come."""

@@ -31,19 +31,21 @@ from model import KVCache, apply_rope, attention_with_bias, check_generation, dy
 
 STOP_CHECK_EVERY = 8  # decode steps between two host reads of the stop condition, on a GPU
 
-def fast_linear(weight, bias=None):
-    """x -> x @ weight^T + bias for the decode step's few rows, in the layout that is fastest on weight's device."""
-    if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and common.cpu_has_native_bf16():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # oneDNN's blocked layout, once
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def fast_linear(weight, bias=None, packed=True):
+    """x -> x @ weight^T + bias for the decode step's few rows, in the layout that is fastest on weight's device.
+    packed=False leaves out oneDNN's blocked bf16 layout: torch.compile cannot trace its op (inductor raised an
+    InductorError on it), and packs bf16 weights for oneDNN itself."""
+    if packed and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and common.cpu_has_native_bf16():
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # oneDNN's blocked layout, once
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
     if weight.device.type == "cpu":
         weight_t = weight.t().contiguous()
         return lambda x: x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
     return lambda x: F.linear(x, weight, bias)
 
-def decode_weights(model, vocab_size=None):
+def decode_weights(model, vocab_size=None, packed=True):
     """The weights of decode_step, once per generate call: in the compute dtype, fused, the head cut to the
-    tokenizer's vocab_size rows."""
+    tokenizer's vocab_size rows (packed: fast_linear's)."""
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
@@ -52,7 +54,7 @@ def decode_weights(model, vocab_size=None):
 
     def linear(*pairs):  # one fast_linear for the stacked outputs of (weight, bias) pairs
         biases = [b for _, b in pairs if b is not None]
-        return fast_linear(cast(*(w for w, _ in pairs)), cast(*biases) if biases else None)
+        return fast_linear(cast(*(w for w, _ in pairs)), cast(*biases) if biases else None, packed)
 
     c = model.config
     H, G, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -72,7 +74,7 @@ def decode_weights(model, vocab_size=None):
                                                             (mlp.up_proj.weight, mlp.up_proj.bias)),
             down=None if model.config.is_moe else linear((mlp.down_proj.weight, mlp.down_proj.bias))))
     return SimpleNamespace(dtype=dtype, layers=layers, norm=cast(model.model.norm.weight),
-                           head=fast_linear(cast(model.lm_head.weight[:vocab_size])))
+                           head=fast_linear(cast(model.lm_head.weight[:vocab_size]), packed=packed))
 
 def decode_step(model, ids, cache, w):
     """Logits [B, vocab] of the next token after ids [B] (one new position per row): the layers of
@@ -101,8 +103,9 @@ def decode_step(model, ids, cache, w):
 
 class Engine:
     def __init__(self, model, compile=False):
-        """compile: torch.compile the decode step (a minute's compile on a CPU, for long generations)."""
-        self.model = model
+        """compile: torch.compile the decode step (a minute's compile on a CPU, for long generations), on plain
+        weights (decode_weights(packed=False)) on every CPU kind."""
+        self.model, self.compiled = model, compile
         self.decode_step = torch.compile(decode_step, dynamic=True) if compile else decode_step
         self.stop_check_every = 1 if model.lm_head.weight.device.type == "cpu" else STOP_CHECK_EVERY
 
@@ -123,7 +126,7 @@ class Engine:
                 x = model.hidden_states(idx, cache)[0][:, -1]
                 logits = F.linear(x, model.lm_head.weight[:vocab_size])
             else:
-                w = w or decode_weights(model, vocab_size)  # made after the first token: not in its latency
+                w = w or decode_weights(model, vocab_size, packed=not self.compiled)  # after the first token
                 logits = self.decode_step(model, next_ids[:, 0], cache, w)
             next_ids, finished = next_tokens(logits, seen, finished, eos_ids, temperature, top_k, top_p,
                                              repetition_penalty)

@@ -342,7 +342,10 @@ def load_balancing_loss(router_logits, top_k):
     K = logits.size(-1)
     all_scores = (logits[:, 0, :, None] + logits[:, 1, None, :]).flatten(1)  # [L*N, K*K], expert i*K + j
     chosen = all_scores.topk(top_k, dim=-1).indices.flatten()
-    tokens_per_expert = torch.bincount(chosen, minlength=K * K).to(logits.dtype) / chosen.numel()
+    # counts per expert with a shape fixed by K (bincount's depends on the largest id: a host read, a graph break)
+    counts = torch.zeros(K * K, dtype=logits.dtype, device=logits.device).scatter_add_(
+        0, chosen, torch.ones_like(chosen, dtype=logits.dtype))
+    tokens_per_expert = counts / chosen.numel()
     prob_per_expert = F.softmax(all_scores, dim=-1).mean(0)
     return K * K * (tokens_per_expert * prob_per_expert).sum()
 
@@ -473,12 +476,18 @@ class Doge(nn.Module):
         cos, sin = rope_cos_sin(self.config, start, start + T)
         return cos.to(self.rope_cos.device), sin.to(self.rope_cos.device)
 
-    def check_input(self, idx):
-        """One-line errors for what would otherwise fail deep inside (or, on a GPU, asynchronously)."""
-        V, T_max = self.config.vocab_size, self.config.max_sequence_length
-        if idx.size(1) > T_max:
+    def check_length(self, idx):
+        """A one-line error for a sequence longer than the model takes (its shape alone: no value is read)."""
+        if idx.size(1) > self.config.max_sequence_length:
             raise ValueError(f"sequence of {idx.size(1)} tokens is longer than {self.config.length_limit()}: "
                              "shorten it or build the model with a larger max_position_embeddings")
+
+    def check_input(self, idx):
+        """One-line errors for a prompt that would otherwise fail deep inside (or, on a GPU, asynchronously).
+        Generation checks its prompt with it; training data is checked once per token file, against the largest
+        id the file records, not on every forward (the value check reads the ids back to the host)."""
+        self.check_length(idx)
+        V = self.config.vocab_size
         if idx.numel() and ((idx < 0) | (idx >= V)).any():
             raise ValueError(f"token ids must lie in [0, {V}) (the vocabulary); got min {idx.min().item()}, "
                              f"max {idx.max().item()}: is the tokenizer the model's?")
@@ -497,22 +506,27 @@ class Doge(nn.Module):
             cache.length += T
         return self.model.norm(x), router_logits
 
-    def forward(self, idx, targets=None, cross_entropy=None):
-        """Without targets: logits [B, T, vocab] for every position. With targets [B, T] (-1 = ignore): the logits
-        of the scored positions only, [N, vocab] in row-major order, and their mean cross-entropy (plus
-        router_aux_loss_coef times the load-balancing loss for MoE). The head is a small model's costliest layer,
-        and fine-tuning scores only the replies. cross_entropy(logits [N, V], targets [N]): the loss function,
-        F.cross_entropy by default; the training loop may pass an equal, faster one."""
-        if not torch.compiler.is_compiling():  # the checks read values back to the host: not inside a graph
-            self.check_input(idx)
-            if targets is not None and targets.numel() and ((targets < -1) | (targets >= self.config.vocab_size)).any():
-                raise ValueError(f"targets must lie in [0, {self.config.vocab_size}) or be -1 (ignored)")
+    def forward(self, idx, targets=None, cross_entropy=None, scored=None):
+        """Without targets: logits [B, T, vocab] for every position. With targets [B, T] (-1 = ignore): the mean
+        cross-entropy over the positions whose target is not -1 (plus router_aux_loss_coef times the
+        load-balancing loss for MoE), and the logits the head computed, [N, vocab] in row-major order. The head is
+        a small model's costliest layer, and fine-tuning scores only the replies: scored [N] (flat indices into
+        the B x T positions, made on the host with the batch: post_training.scored_positions) runs it on
+        those rows only; None
+        runs it on every position. No shape here depends on the data's values, and no value is read back to the
+        host: the step compiles to one graph and the GPU never waits. cross_entropy(logits [N, V], targets [N],
+        -1 ignored): the loss function, F.cross_entropy by default; the training loop may pass an equal, faster
+        one."""
+        self.check_length(idx)
         x, router_logits = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(x), None
-        scored = targets != -1
-        logits, targets = self.lm_head(x[scored]), targets[scored]  # [N, vocab], [N]
-        cross_entropy = cross_entropy or (lambda logits, targets: F.cross_entropy(logits.float(), targets))
+        x, targets = x.flatten(0, 1), targets.flatten()                              # [B*T, C], [B*T]
+        if scored is not None:
+            x, targets = x.index_select(0, scored), targets.index_select(0, scored)  # [N, C], [N]
+        logits = self.lm_head(x)                                                     # [N, vocab]
+        cross_entropy = cross_entropy or (lambda logits, targets: F.cross_entropy(logits.float(), targets,
+                                                                                  ignore_index=-1))
         loss = cross_entropy(logits, targets)
         if router_logits:
             loss = loss + self.config.router_aux_loss_coef * load_balancing_loss(

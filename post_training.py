@@ -3,11 +3,13 @@ What the post-training stages share. Chat batches (SFT and DPO): the examples of
 (seed, step), right-padded micro-batches of ragged token arrays, the data checks and the step count. Token
 log-probs (DPO and GRPO), the policy a run starts from, and the held-out answer accuracy (SFT and GRPO).
 """
+import os
 import functools
 
 import numpy as np
 import torch
 
+import common
 import checkpoint as ckpt
 from engine import Engine
 from model import left_pad
@@ -55,17 +57,34 @@ def target_counts(ragged, max_len):
     ends = np.minimum(offsets[1:], offsets[:-1] + max_len)
     return np.array([int(mask[start + 1:end].sum()) for start, end in zip(offsets[:-1], ends)], dtype=np.int64)
 
-def check_data(tok, model, data_dir, ragged_sets, seq_len):
-    """One-line errors for data that cannot train this model (another tokenizer, ids beyond its vocabulary)."""
+# the scored rows are padded to a multiple of this: the head's input has one of few shapes, whatever the batch
+SCORED_BUCKET = 64
+
+def scored_positions(targets, bucket=SCORED_BUCKET):
+    """The flat indices [N] (into targets' B x T positions; targets a host array or CPU tensor) of the positions
+    whose target is not -1, found on the host with the batch (on a device it would be a read back, and a shape
+    the data decides), padded with an ignored position up to a multiple of bucket, at most B x T: model.forward
+    runs the output head on these rows only, and the padding rows add nothing to its loss."""
+    flat = np.asarray(targets).reshape(-1)
+    rows = np.flatnonzero(flat != -1)
+    size = min(len(flat), -(-len(rows) // bucket) * bucket)
+    if size > len(rows):  # then some position is ignored
+        rows = np.concatenate((rows, np.full(size - len(rows), np.flatnonzero(flat == -1)[0])))
+    return torch.from_numpy(rows)
+
+def check_data(tok, model, data_dir, names, seq_len):
+    """One-line errors for data that cannot train this model (another tokenizer, ids beyond its vocabulary: the
+    largest id each token file records, so no pass over the data, and no check of every batch later)."""
     data_tok = load_tokenizer(data_dir)
     probe = "<think>12+9=21</think><answer>21</answer> Hello, world!"
     if (data_tok.vocab_size, data_tok.special_ids, data_tok.encode(probe)) != \
             (tok.vocab_size, tok.special_ids, tok.encode(probe)):
         raise ValueError(f"{data_dir} was tokenized with another tokenizer than the model's: re-run prepare_data.py "
                          f"with --tokenizer=<the pre-training data dir> and --out_dir=<somewhere new>")
-    for name, (tokens, _, _) in ragged_sets.items():
-        if len(tokens) and int(tokens.max()) >= model.config.vocab_size:
-            raise ValueError(f"{data_dir}/{name} holds token id {int(tokens.max())} but the model's vocabulary "
+    for name in names:
+        largest = common.array_max_value(os.path.join(data_dir, f"{name}.tokens.bin"))
+        if largest >= model.config.vocab_size:
+            raise ValueError(f"{data_dir}/{name} holds token id {largest} but the model's vocabulary "
                              f"has {model.config.vocab_size}: the data does not belong to this model")
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="

@@ -8,10 +8,12 @@ Direct Preference Optimization (Rafailov et al. 2023), written out by hand.
 The policy starts as the SFT model; a frozen copy of it is the reference. For each pair (prompt, chosen,
 rejected) the loss pushes the policy's log-prob of the chosen reply up and the rejected one down, relative to
 the reference (eq. 7). A reply's log-prob is the sum of its tokens' log-probs, prompt and padding excluded.
-The loop is training.train, the batching post_training's (as SFT's): a batch holds chosen rows then rejected rows, padded.
+The batching is post_training's (as SFT's): a batch holds chosen rows then rejected rows, padded. main() is the
+whole run in execution order, its loop written out; training.py holds the tools it calls.
 """
 import os
 import copy
+import time
 
 import numpy as np
 import torch
@@ -20,8 +22,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import training
 import checkpoint as ckpt
-from training import setup_training, train
 from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, check_data,
                            steps_per_run, examples_per_micro_step, load_policy, token_logprobs)
 
@@ -44,7 +46,8 @@ DEFAULTS = dict(
     epochs=2.0, max_steps=-1, learning_rate=8e-5, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
     min_lr_rate=0.0, decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
-    seed=1337, device="auto", dtype="auto", compile=False, backend="ddp", zero_stage=2,
+    seed=1337, device="auto", dtype="auto", backend="ddp", zero_stage=2,
+    compile="auto",  # auto | True | False: auto compiles where it is faster (training.resolve_compile)
 )
 
 # -----------------------------------------------------------------------------
@@ -86,7 +89,7 @@ def pair_batch(chosen_set, rejected_set, indices, max_len, pad_id, device):
     """ids and response mask [2B, T]: the chosen replies of the pairs, then their rejected replies."""
     examples = get_examples(chosen_set, indices, max_len) + get_examples(rejected_set, indices, max_len)
     ids, mask = pad_examples(examples, pad_id)
-    return ids.to(device), mask.to(device)
+    return training.to_device(ids, device), training.to_device(mask, device)
 
 def pair_logprobs(model, ids, mask, average=False):
     """(chosen, rejected) response log-probs of a pair_batch (summed, or per-token averages): one forward pass
@@ -99,7 +102,7 @@ def reference_logprobs(reference, ids, mask, average=False):
     return pair_logprobs(reference, ids, mask, average)
 
 def pair_loss(policy, ids, mask, ref_chosen, ref_rejected, beta, label_smoothing, loss_type, rpo_alpha=0.0):
-    """Mean DPO loss of a pair_batch and the per-log-line metrics (TRL's names). rpo_alpha > 0 adds the chosen
+    """Mean DPO loss of a pair_batch and the per-log-line metrics (TRL's names; tensors on the device). rpo_alpha > 0 adds the chosen
     replies' negative log-likelihood per token, times rpo_alpha (RPO: Pang et al. 2024, eq. 1; TRL's rpo_alpha):
     plain DPO may lower the chosen replies too, as long as the rejected fall faster; the NLL term holds them up."""
     chosen, rejected = pair_logprobs(policy, ids, mask, average=loss_type == "ipo")
@@ -110,10 +113,10 @@ def pair_loss(policy, ids, mask, ref_chosen, ref_rejected, beta, label_smoothing
         chosen_tokens = mask[:len(chosen), 1:].sum(-1)
         chosen_sums = chosen * chosen_tokens if loss_type == "ipo" else chosen  # ipo's are per-token means
         loss = loss - rpo_alpha * chosen_sums.sum() / chosen_tokens.sum()
-    metrics = {"rewards/chosen": chosen_rewards.mean().item(), "rewards/rejected": rejected_rewards.mean().item(),
-               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-               "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-               "logps/chosen": chosen.detach().mean().item(), "logps/rejected": rejected.detach().mean().item()}
+    metrics = {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+               "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+               "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+               "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
     return loss, metrics
 
 def all_reference_logprobs(reference, chosen_set, rejected_set, indices, cfg, pad_id, device, autocast, desc):
@@ -129,6 +132,30 @@ def all_reference_logprobs(reference, chosen_set, rejected_set, indices, cfg, pa
 
 # -----------------------------------------------------------------------------
 
+@torch.no_grad()
+def evaluate(model, val_chosen, val_rejected, val_usable, val_ref, pad_id, cfg, run):
+    """Held-out pairs: DPO loss, implicit-reward accuracy (reward of chosen > rejected; exactly 0 before DPO, when
+    every reward is 0) and margin, and how often the policy alone gives the chosen reply the higher log-prob
+    (before DPO: the SFT model's own preference)."""
+    model.eval()
+    policy = np.zeros((len(val_usable), 2), dtype=np.float32)
+    for first in range(0, len(val_usable), cfg.batch_size):
+        ids, mask = pair_batch(val_chosen, val_rejected, val_usable[first:first + cfg.batch_size], cfg.seq_len,
+                               pad_id, run.device)
+        with run.autocast():
+            chosen, rejected = pair_logprobs(model, ids, mask, average=cfg.loss_type == "ipo")
+        policy[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
+    model.train()
+    policy, ref = torch.from_numpy(policy), torch.from_numpy(val_ref)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
+                                                        cfg.beta, cfg.label_smoothing, cfg.loss_type)
+    return {"val_loss": losses.mean().item(),
+            "val_rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "val_rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
+            "val_logps/accuracies": (policy[:, 0] > policy[:, 1]).float().mean().item()}
+
+# -----------------------------------------------------------------------------
+
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
     if cfg.loss_type not in ("sigmoid", "ipo"):
@@ -137,7 +164,7 @@ def main(argv=None):
         raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got beta={cfg.beta}, "
                          f"label_smoothing={cfg.label_smoothing}")
     common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
-    run = setup_training(cfg)
+    run = training.setup(cfg)
     sets = {f"dpo_{split}.{side}": common.read_ragged(os.path.join(cfg.data_dir, f"dpo_{split}.{side}"))
             for split in ("train", "val") for side in ("chosen", "rejected")}
     train_chosen, train_rejected = sets["dpo_train.chosen"], sets["dpo_train.rejected"]
@@ -147,7 +174,7 @@ def main(argv=None):
             raise ValueError(f"{cfg.data_dir}/dpo_{split}.chosen and .rejected hold different numbers of "
                              "replies: re-run prepare_data.py --force")
     model, tok, checkpoint = load_policy(cfg, run.device)
-    check_data(tok, model, cfg.data_dir, sets, cfg.seq_len)
+    check_data(tok, model, cfg.data_dir, list(sets), cfg.seq_len)
 
     # the reference: the policy's starting weights, frozen; a resumed run reloads them from where they came
     if checkpoint is not None and not cfg.ref_from:
@@ -186,43 +213,78 @@ def main(argv=None):
                                                    run.device, run.autocast, "reference log-probs (train)")
         del reference
 
-    def batch_loss(model, step, micro_step):
+    def train_batch(step, micro_step):
+        """This process's pairs of the step (a pure function of (seed, step)), padded, and their reference
+        log-probs (precomputed, or from the frozen reference now: no gradient)."""
         indices = usable[step_indices(cfg.seed, step, examples_per_step, len(usable))]
         mine = micro_batch(indices, micro_step, run.rank, run.world_size, cfg.batch_size)
         ids, mask = pair_batch(train_chosen, train_rejected, mine, cfg.seq_len, pad_id, run.device)
         if train_ref is not None:
-            ref_chosen, ref_rejected = torch.from_numpy(train_ref[mine]).to(run.device).unbind(1)
+            ref_chosen, ref_rejected = training.to_device(torch.from_numpy(train_ref[mine]), run.device).unbind(1)
         else:
-            ref_chosen, ref_rejected = reference_logprobs(reference, ids, mask, average=cfg.loss_type == "ipo")
-        return pair_loss(model, ids, mask, ref_chosen, ref_rejected, cfg.beta, cfg.label_smoothing, cfg.loss_type,
-                         cfg.rpo_alpha)
-
-    @torch.no_grad()
-    def evaluate(model):
-        """Held-out pairs: DPO loss, implicit-reward accuracy (reward of chosen > rejected; exactly 0 before
-        DPO, when every reward is 0) and margin, and how often the policy alone gives the chosen reply the
-        higher log-prob (before DPO: the SFT model's own preference)."""
-        model.eval()
-        policy = np.zeros((len(val_usable), 2), dtype=np.float32)
-        for first in range(0, len(val_usable), cfg.batch_size):
-            ids, mask = pair_batch(val_chosen, val_rejected, val_usable[first:first + cfg.batch_size], cfg.seq_len,
-                                   pad_id, run.device)
             with run.autocast():
-                chosen, rejected = pair_logprobs(model, ids, mask, average=cfg.loss_type == "ipo")
-            policy[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
-        model.train()
-        policy, ref = torch.from_numpy(policy), torch.from_numpy(val_ref)
-        losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1],
-                                                            cfg.beta, cfg.label_smoothing, cfg.loss_type)
-        return {"val_loss": losses.mean().item(),
-                "val_rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-                "val_rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-                "val_logps/accuracies": (policy[:, 0] > policy[:, 1]).float().mean().item()}
+                ref_chosen, ref_rejected = reference_logprobs(reference, ids, mask, average=cfg.loss_type == "ipo")
+        return ids, mask, ref_chosen, ref_rejected
 
-    train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, flops_per_step, grad_accum, checkpoint,
-          stage="dpo")
+    def evaluate_now(model):
+        with backend.gathered():
+            return evaluate(model, val_chosen, val_rejected, val_usable, val_ref, pad_id, cfg, run)
+
+    optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
+    backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
+    peak_flops = common.measure_peak_flops(run.device, run.dtype)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
+    if start_step == 0:  # the numbers every later evaluation is compared with
+        training.log_eval(run, log_path, 0, evaluate_now(model), "before training")
+    if start_step >= cfg.max_steps:
+        print(f"already trained to max_steps={cfg.max_steps}")
+    timer, timed_from = time.perf_counter(), start_step
+    with training.stop_requests() as stop_signal:
+        for step in range(start_step, cfg.max_steps):
+            lr = training.set_learning_rate(optimizer, step, cfg)
+            # the micro-steps queue work on the device and read nothing back: loss and metrics stay there
+            sums = {}
+            for micro_step in range(grad_accum):
+                ids, mask, ref_chosen, ref_rejected = train_batch(step, micro_step)
+                with backend.no_sync(skip=micro_step < grad_accum - 1):  # DDP all-reduces at the last one only
+                    with run.autocast():  # DPO eq. 7 (plus RPO's NLL term), the mean over this micro-batch's pairs
+                        loss, metrics = pair_loss(backend.model, ids, mask, ref_chosen, ref_rejected, cfg.beta,
+                                                  cfg.label_smoothing, cfg.loss_type, cfg.rpo_alpha)
+                    loss = loss / grad_accum  # this micro-step's share of the step's mean
+                    for key, value in dict(loss=loss.detach() * grad_accum, **metrics).items():
+                        sums[key] = sums.get(key, 0.0) + value / grad_accum
+                    backend.backward(loss)
+            grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
+
+            last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
+            save = training.save_due(cfg, step, stopping)
+            logging = step % cfg.log_interval == 0 or last_step
+            if logging or save:  # the host reads the step's numbers: here, and only here, it waits for the device
+                means, grad_norm = training.mean_over_processes(run, sums), float(grad_norm)
+                training.check_finite(means["loss"], grad_norm, step, cfg, run)
+            if logging:
+                seconds = (time.perf_counter() - timer) / (step - timed_from + 1)
+                record = dict(step=step, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_step / seconds,
+                              mfu=flops_per_step / seconds / (peak_flops * run.world_size), **means)
+                metrics_line = "".join(f" | {k} {v:.4f}" for k, v in means.items() if k != "loss")
+                training.log(run, log_path, record, f"step {step} | loss {means['loss']:.4f} | lr {lr:.2e} | grad "
+                             f"norm {grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s{metrics_line}")
+                timer, timed_from = time.perf_counter(), step + 1
+            if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
+                training.log_eval(run, log_path, step, evaluate_now(model), f"eval step {step}")
+                timer, timed_from = time.perf_counter(), step + 1
+            if save:
+                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "dpo"))
+            if stopping:
+                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+                break
+    if run.master and not stop_signal:
+        training.export(cfg)
+        training.plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
     if run.world_size > 1:
         dist.destroy_process_group()
+    return model
 
 if __name__ == "__main__":
     common.run(main)

@@ -27,13 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
+import training
 import checkpoint as ckpt
 from engine import Engine
 from model import left_pad
 from post_training import token_logprobs, evaluate_accuracy
 from tokenizer import render_chat, extract_answer, normalize_answer
-from training import (setup_training, make_optimizer, training_state, save_training_state, stop_requests,
-                      save_or_stop, check_finite, log, truncate_log, export)
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
     import math_verify
@@ -147,17 +146,23 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
     mask are per completion token [N, T], advantages [N]. Per token: rho = pi/pi_old,
     l = -min(rho*A, clip(rho, 1-eps, 1+eps_high)*A) + beta*kl, kl = pi_ref/pi - log(pi_ref/pi) - 1, times rho
     with use_bias_correction_kl (TRL 1.16's default: the estimate under pi_old's samples); eps_high = eps unless
-    set (DAPO's clip-higher).
+    set (DAPO's clip-higher). old_logps None is the on-policy case (num_iterations = 1): pi_old is pi itself, so
+    rho = 1 in value and the clip never binds; l = -rho*A with rho = exp(logps - logps.detach()) is then the same
+    loss and gradient, -A grad log pi (the policy gradient with the group's mean as baseline), without them.
+    ref_logps is only read when beta != 0.
     Aggregated by loss_type over the step's whole generation batch: grpo = mean over each sequence's tokens, then
     over the step's sequences; dapo (TRL 1.16's default) and bnpo = sum over the step's tokens / their number;
     dr_grpo = sum / (sequences x max_completion_length) (Dr. GRPO, arXiv 2503.20783). TRL's bnpo divides by a
     micro-batch's tokens, so its step depends on the split; here bnpo is the batch mean its name says, which makes
     it dapo's formula. num_sequences and num_tokens are the step's totals over all micro-batches and processes
     (these rows' when None): the losses of any split into micro-batches then add up to the step's loss."""
-    ratio = torch.exp(logps - old_logps)
+    ratio = torch.exp(logps - (logps.detach() if old_logps is None else old_logps))
     advantages = advantages.unsqueeze(1)
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon_high) * advantages)
+    if old_logps is None:
+        per_token = -ratio * advantages
+    else:
+        epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        per_token = -torch.min(ratio * advantages, ratio.clamp(1 - epsilon, 1 + epsilon_high) * advantages)
     if beta != 0.0:
         log_ref_ratio = ref_logps - logps
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1
@@ -168,7 +173,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
     if loss_type == "grpo":
         return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / num_sequences
     if loss_type in ("dapo", "bnpo"):
-        return (per_token * mask).sum() / max(num_tokens, 1)
+        return (per_token * mask).sum() / torch.as_tensor(num_tokens).clamp(min=1)
     if loss_type == "dr_grpo":
         if max_completion_length is None:
             raise ValueError("loss_type=dr_grpo divides by max_completion_length: pass it")
@@ -177,44 +182,49 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
 
 def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, world_size, autocast, scaler):
     """Accumulate the gradient of the step's GRPO loss over this process's completions ids [N, L] in
-    micro-batches of cfg.batch_size rows; returns (this process's share of the step's loss, log-probs [N, L-1]).
-    Each micro-batch's loss is its part of the step's (grpo_loss with the step's totals) times world_size, as
-    DDP averages the processes' gradients: neither batch_size nor the number of processes changes the step.
-    old_logps: None when pi_old = pi detached (num_iterations = 1)."""
+    micro-batches of cfg.batch_size rows; returns (this process's share of the step's loss, log-probs [N, L-1]),
+    both on the device: nothing is read back to the host here. Each micro-batch's loss is its part of the step's
+    (grpo_loss with the step's totals) times world_size, as DDP averages the processes' gradients: neither
+    batch_size nor the number of processes changes the step. old_logps: None when pi_old = pi (on-policy)."""
     num_tokens = mask.sum().float()
     if world_size > 1:
         dist.all_reduce(num_tokens)
     micro_batches = [slice(i, i + cfg.batch_size) for i in range(0, ids.size(0), cfg.batch_size)]
-    loss_sum, all_logps = 0.0, []
+    loss_sum, all_logps = torch.zeros((), device=ids.device), []
     for k, rows in enumerate(micro_batches):
         last = k == len(micro_batches) - 1
         no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
         with no_sync:
             with autocast():
                 logps = completion_logps(model, ids[rows], cfg.temperature)
-            old = logps.detach() if old_logps is None else old_logps[rows]
-            loss = grpo_loss(logps, old, None if ref_logps is None else ref_logps[rows], advantages[rows], mask[rows],
+            loss = grpo_loss(logps, None if old_logps is None else old_logps[rows],
+                             None if ref_logps is None else ref_logps[rows], advantages[rows], mask[rows],
                              cfg.epsilon, cfg.beta, cfg.loss_type, cfg.max_completion_length,
                              num_sequences=ids.size(0) * world_size, num_tokens=num_tokens,
                              epsilon_high=cfg.epsilon_high, use_bias_correction_kl=cfg.use_bias_correction_kl) * world_size
             scaler.scale(loss).backward()
-        loss_sum += loss.item() / world_size
+        loss_sum += loss.detach() / world_size
         all_logps.append(logps.detach())
     return loss_sum, torch.cat(all_logps)
 
 @torch.no_grad()
 def grpo_stats(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, epsilon_high=None):
     """Token fractions where the clip removed the gradient (ratio beyond 1-eps or 1+eps_high in the advantage's
-    direction), and the mean k3 KL to the reference (0 without one)."""
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    ratio, advantages, mask = torch.exp(logps - old_logps), advantages.unsqueeze(1), mask.float()
-    clipped = ((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0))
+    direction; 0 on-policy, old_logps None: the ratio is 1), and the mean k3 KL to the reference (0 without
+    one): tensors on the device."""
+    mask = mask.float()
     tokens = mask.sum().clamp(min=1)
-    kl = 0.0
+    clipped = torch.zeros((), device=mask.device)
+    if old_logps is not None:
+        epsilon_high = epsilon if epsilon_high is None else epsilon_high
+        ratio, advantages = torch.exp(logps - old_logps), advantages.unsqueeze(1)
+        clipped = ((((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0)))
+                   .float() * mask).sum() / tokens
+    kl = torch.zeros((), device=mask.device)
     if ref_logps is not None:
         log_ref_ratio = ref_logps - logps
-        kl = ((torch.exp(log_ref_ratio) - log_ref_ratio - 1) * mask).sum().item() / tokens.item()
-    return (clipped.float() * mask).sum().item() / tokens.item(), kl
+        kl = ((torch.exp(log_ref_ratio) - log_ref_ratio - 1) * mask).sum() / tokens
+    return clipped, kl
 
 # -----------------------------------------------------------------------------
 # rollouts
@@ -320,7 +330,7 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
     common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
-    run = setup_training(cfg)
+    run = training.setup(cfg)
     check_config(cfg, run.world_size)
     train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")
     test_examples = load_prompts(cfg.data_dir, "test.jsonl")[:cfg.eval_prompts]
@@ -331,7 +341,7 @@ def main(argv=None):
     if resuming and checkpoint.get("stage") != "grpo":
         raise ValueError(f"{cfg.out_dir} holds a {checkpoint.get('stage')} checkpoint, not a GRPO one: "
                          "pass it as init_from to start GRPO from it")
-    # the frozen reference of the KL term is the starting policy, also after any number of resumes
+    # the frozen reference of the KL term (beta > 0 only) is the starting policy, also after any number of resumes
     start_from = checkpoint["start_from"] if resuming else cfg.init_from
     reference = None
     if cfg.beta != 0.0:
@@ -339,123 +349,111 @@ def main(argv=None):
         reference.requires_grad_(False).eval()
     stop_ids = [tok.end_of_turn_id, tok.eos_id]
     test_prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in test_examples]
-    optimizer, start_step = make_optimizer(cfg, run, model, checkpoint if resuming else None)
-    ddp_model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None,
-                    broadcast_buffers=False) if run.world_size > 1 else model
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == "float16")
     prompts_per_rank = cfg.prompts_per_step // run.world_size
     if run.master:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.prompts_per_step} prompts "
               f"x {cfg.num_generations} completions per step | {len(train_examples)} prompts, "
-              f"{len(test_examples)} held out | {run.device} {run.dtype}")
+              f"{len(test_examples)} held out | {'on-policy' if cfg.num_iterations == 1 else f'{cfg.num_iterations} updates a step, clipped'}"
+              f"{f' | KL to the reference, beta {cfg.beta}' if reference is not None else ''} | {run.device} {run.dtype}")
 
-    def save(step):  # step = the next step to run
-        save_training_state(cfg, run, training_state(cfg, run, model, tok, step, "grpo", start_from=start_from,
-                                                     optimizer=optimizer.state_dict()))
-
+    optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint if resuming else None)
+    backend = training.DDPBackend(run, model, optimizer)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-
-    def log_eval(step):
-        metrics = evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run)
-        log(run, log_path, dict(step=step, **metrics),
-            f"eval step {step} | held-out " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-    def train_step(step):
-        """Sample, score, and update the policy num_iterations times on this step's completions."""
-        step_start = time.perf_counter()
-        lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio,
-                          cfg.decay_ratio, cfg.min_lr_rate, cfg.decay_shape)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-
-        # 1. rollouts: this process's share of the step's prompts, G completions each, from the current policy
-        indices = prompts_of_step(cfg.seed, step, cfg.prompts_per_step, len(train_examples))
-        examples = [train_examples[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
-        prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
-        model.eval()
-        with run.autocast():
-            groups = rollout(model, prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature,
-                             stop_ids, tok.vocab_size)
-        model.train()
-        rollout_seconds = time.perf_counter() - step_start
-        masks = [completion_mask(group, stop_ids) for group in groups]
-        completion_tokens = sum(m.sum().item() for m in masks)
-
-        # 2. rewards and group-relative advantages
-        texts = [t for group, mask in zip(groups, masks) for t in decode_completions(tok, group, mask, stop_ids)]
-        answers = [ex["answer"] for ex in examples for _ in range(cfg.num_generations)]
-        rewards, total_reward = score(texts, answers, cfg.reward_weights)
-        all_rewards = total_reward.to(run.device)  # the step's, from every process (for the batch std and the log)
-        if run.world_size > 1:
-            gathered = [torch.zeros_like(all_rewards) for _ in range(run.world_size)]
-            dist.all_gather(gathered, all_rewards)
-            all_rewards = torch.cat(gathered)
-        mine = slice(run.rank * len(texts), (run.rank + 1) * len(texts))
-        advantages = group_advantages(all_rewards, cfg.num_generations, cfg.scale_rewards)[mine]
-        if cfg.mask_truncated_completions:  # a completion that never stopped was cut short: no loss on it
-            stops = torch.tensor(stop_ids, device=run.device)
-            masks = [m * torch.isin(group, stops).any(dim=1, keepdim=True) for group, m in zip(groups, masks)]
-
-        # 3. num_iterations updates on these completions, ratios taken to the policy that sampled them
-        ids, mask = pad_sequences([p for p in prompts for _ in range(cfg.num_generations)],
-                                  [row for group in groups for row in group.tolist()],
-                                  [row for m in masks for row in m.tolist()], tok.eos_id, run.device)
-        def logps_of(policy):  # log-probs of every completion, in micro-batches, no gradient
-            with torch.no_grad(), run.autocast():
-                return torch.cat([completion_logps(policy, ids[i:i + cfg.batch_size], cfg.temperature)
-                                  for i in range(0, ids.size(0), cfg.batch_size)])
-        old_logps = logps_of(model) if cfg.num_iterations > 1 else None  # one pass: pi_old = pi detached
-        ref_logps = logps_of(reference) if reference is not None else None
-        loss_sum, clipped_sum, kl_sum = 0.0, 0.0, 0.0
-        for iteration in range(cfg.num_iterations):
-            loss, logps = policy_backward(ddp_model, ids, mask, advantages, old_logps, ref_logps, cfg,
-                                          run.world_size, run.autocast, scaler)
-            clipped, kl = grpo_stats(logps, logps if old_logps is None else old_logps, ref_logps, advantages, mask,
-                                     cfg.epsilon, cfg.epsilon_high)
-            if run.world_size > 1:  # the step's loss: every process's share
-                loss_tensor = torch.tensor(loss, device=run.device)
-                dist.all_reduce(loss_tensor)
-                loss = loss_tensor.item()
-            loss_sum += loss / cfg.num_iterations
-            clipped_sum += clipped / cfg.num_iterations
-            kl_sum += kl / cfg.num_iterations
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            check_finite(loss_sum, grad_norm, step, cfg, run)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-
-        seconds = time.perf_counter() - step_start
-        if step % cfg.log_interval == 0 or step == cfg.max_steps - 1:
-            group_std = all_rewards.view(-1, cfg.num_generations).std(dim=1)
-            record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm, reward=all_rewards.mean().item(),
-                          reward_std=all_rewards.std().item(),  # TRL's: over every reward of the step
-                          frac_reward_zero_std=(group_std < 1e-6).float().mean().item(),
-                          completion_length=completion_tokens / len(texts), clip_fraction=clipped_sum, kl=kl_sum,
-                          rollout_tokens_per_s=completion_tokens / rollout_seconds, step_seconds=seconds)
-            for name, r in rewards.items():
-                record[f"rewards/{name}/mean"], record[f"rewards/{name}/std"] = r.mean().item(), r.std().item()
-            per_function = "".join(f" | {name} {r.mean().item():.3f}" for name, r in rewards.items())
-            log(run, log_path, record, f"step {step} | loss {loss_sum:.4f} | reward {record['reward']:.3f} "
-                f"± {record['reward_std']:.3f}{per_function} | length {record['completion_length']:.1f} | "
-                f"clip {clipped_sum:.3f} | kl {kl_sum:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
-                f"{record['rollout_tokens_per_s']:,.0f} rollout tok/s | {seconds:.2f} s/step")
-
     # train records carry the step's index, evaluations the number of steps done before them
-    truncate_log(run, log_path, lambda r: r["step"] < start_step or ("loss" not in r and r["step"] == start_step))
-    if start_step == 0:
-        log_eval(0)  # the starting point every later number is compared with
-    with stop_requests() as stop_signal:
+    training.truncate_log(run, log_path, lambda r: r["step"] < start_step or ("loss" not in r and r["step"] == start_step))
+    if start_step == 0:  # the starting point every later number is compared with
+        metrics = evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run)
+        training.log_eval(run, log_path, 0, metrics, "eval step 0 | held-out")
+    with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
-            train_step(step)
-            last_step = step == cfg.max_steps - 1
+            step_start = time.perf_counter()
+            lr = training.set_learning_rate(optimizer, step, cfg)
+
+            # 1. rollouts: this process's share of the step's prompts, G completions each, from the current policy
+            indices = prompts_of_step(cfg.seed, step, cfg.prompts_per_step, len(train_examples))
+            examples = [train_examples[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
+            prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
+            model.eval()
+            with run.autocast():
+                groups = rollout(model, prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature,
+                                 stop_ids, tok.vocab_size)
+            model.train()
+            rollout_seconds = time.perf_counter() - step_start
+            masks = [completion_mask(group, stop_ids) for group in groups]
+
+            # 2. rewards (on the host: they read the decoded text) and group-relative advantages
+            texts = [t for group, mask in zip(groups, masks) for t in decode_completions(tok, group, mask, stop_ids)]
+            answers = [ex["answer"] for ex in examples for _ in range(cfg.num_generations)]
+            rewards, total_reward = score(texts, answers, cfg.reward_weights)
+            all_rewards = total_reward.to(run.device)  # the step's, from every process (for the batch std and the log)
+            if run.world_size > 1:
+                gathered = [torch.zeros_like(all_rewards) for _ in range(run.world_size)]
+                dist.all_gather(gathered, all_rewards)
+                all_rewards = torch.cat(gathered)
+            mine = slice(run.rank * len(texts), (run.rank + 1) * len(texts))
+            advantages = group_advantages(all_rewards, cfg.num_generations, cfg.scale_rewards)[mine]
+            completion_tokens = sum(m.sum() for m in masks)
+            if cfg.mask_truncated_completions:  # a completion that never stopped was cut short: no loss on it
+                stops = torch.tensor(stop_ids, device=run.device)
+                masks = [m * torch.isin(group, stops).any(dim=1, keepdim=True) for group, m in zip(groups, masks)]
+            ids, mask = pad_sequences([p for p in prompts for _ in range(cfg.num_generations)],
+                                      [row for group in groups for row in group.tolist()],
+                                      [row for m in masks for row in m.tolist()], tok.eos_id, run.device)
+
+            # 3. the update. On-policy (num_iterations = 1, the default): one gradient step on the completions the
+            # policy just sampled, pi_old = pi, so no old log-probs, ratio or clip (grpo_loss with old_logps None).
+            # num_iterations > 1 reuses them: the later updates' ratios to the sampling policy are clipped (eq. 3).
+            # The reference's log-probs only with a KL term (beta > 0).
+            def logps_of(policy):  # log-probs of every completion, in micro-batches, no gradient
+                with torch.no_grad(), run.autocast():
+                    return torch.cat([completion_logps(policy, ids[i:i + cfg.batch_size], cfg.temperature)
+                                      for i in range(0, ids.size(0), cfg.batch_size)])
+            old_logps = logps_of(model) if cfg.num_iterations > 1 else None
+            ref_logps = logps_of(reference) if reference is not None else None
+            sums = dict(loss=0.0, clip_fraction=0.0, kl=0.0)  # on the device, read at log steps
+            for iteration in range(cfg.num_iterations):
+                loss, logps = policy_backward(backend.model, ids, mask, advantages, old_logps, ref_logps, cfg,
+                                              run.world_size, run.autocast, backend.scaler)
+                clipped, kl = grpo_stats(logps, old_logps, ref_logps, advantages, mask, cfg.epsilon,
+                                         cfg.epsilon_high)
+                grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
+                for key, value in dict(loss=loss * run.world_size, clip_fraction=clipped, kl=kl).items():
+                    sums[key] = sums[key] + value / cfg.num_iterations
+
+            last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
+            save = training.save_due(cfg, step, stopping)
+            logging = step % cfg.log_interval == 0 or last_step
+            if logging or save:  # the host reads the step's numbers
+                means, grad_norm = training.mean_over_processes(run, sums), float(grad_norm)
+                training.check_finite(means["loss"], grad_norm, step, cfg, run)
+            if logging:
+                seconds = time.perf_counter() - step_start
+                group_std = all_rewards.view(-1, cfg.num_generations).std(dim=1)
+                record = dict(step=step, loss=means["loss"], lr=lr, grad_norm=grad_norm, reward=all_rewards.mean().item(),
+                              reward_std=all_rewards.std().item(),  # TRL's: over every reward of the step
+                              frac_reward_zero_std=(group_std < 1e-6).float().mean().item(),
+                              completion_length=float(completion_tokens) / len(texts),
+                              clip_fraction=means["clip_fraction"], kl=means["kl"],
+                              rollout_tokens_per_s=float(completion_tokens) / rollout_seconds, step_seconds=seconds)
+                for name, r in rewards.items():
+                    record[f"rewards/{name}/mean"], record[f"rewards/{name}/std"] = r.mean().item(), r.std().item()
+                per_function = "".join(f" | {name} {r.mean().item():.3f}" for name, r in rewards.items())
+                training.log(run, log_path, record, f"step {step} | loss {means['loss']:.4f} | reward "
+                             f"{record['reward']:.3f} ± {record['reward_std']:.3f}{per_function} | length "
+                             f"{record['completion_length']:.1f} | clip {means['clip_fraction']:.3f} | kl "
+                             f"{means['kl']:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                             f"{record['rollout_tokens_per_s']:,.0f} rollout tok/s | {seconds:.2f} s/step")
             if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
-                log_eval(step + 1)
-            if save_or_stop(cfg, step, stop_signal, save):
+                metrics = evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run)
+                training.log_eval(run, log_path, step + 1, metrics, f"eval step {step + 1} | held-out")
+            if save:
+                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "grpo",
+                                                               start_from=start_from))
+            if stopping:
+                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
                 break
     if run.master and not stop_signal:
-        export(cfg)
+        training.export(cfg)
     if run.world_size > 1:
         dist.destroy_process_group()
     return model

@@ -5,20 +5,22 @@ Pre-train a Doge model on a memory-mapped uint16 token file, nanoGPT style.
     torchrun --nproc_per_node=8 train_pt.py config/doge_160m.py  # DDP on one node
     torchrun --nproc_per_node=8 train_pt.py config/doge_160m.py --backend=deepspeed --zero_stage=2
 
-The loop is training.train (shared with SFT and DPO); this file says what a pre-training batch, its loss and
-its evaluation are.
+main() is the whole run in execution order, its loop written out as nanoGPT's train.py: each step sets its
+learning rate, runs the micro-steps (batch, forward, loss, backward), clips and steps the optimizer, then logs,
+evaluates and saves. training.py holds the tools it calls (optimizer, DDP or DeepSpeed, checkpoint state, log).
 """
 import os
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import common
+import training
 import checkpoint as ckpt
 from model import Doge, DogeConfig
 from tokenizer import load_tokenizer
-from training import setup_training, resume_checkpoint, grad_accum_steps, train
 
 MODEL_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings", "keep_window_size", "tie_word_embeddings",
@@ -41,7 +43,8 @@ DEFAULTS = dict(
     max_steps=1000, learning_rate=8e-3, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1, min_lr_rate=0.0,
     decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
-    seed=1337, device="auto", dtype="auto", compile=False, backend="ddp", zero_stage=2,
+    seed=1337, device="auto", dtype="auto", backend="ddp", zero_stage=2,
+    compile="auto",  # auto | True | False: auto compiles where it is faster (training.resolve_compile)
 )
 
 # -----------------------------------------------------------------------------
@@ -54,9 +57,10 @@ def batch_rows(seed, step, rows_per_step, high, split=0):
     return np.random.default_rng([seed, split, step]).integers(0, high, size=rows_per_step)
 
 def get_batch(data, starts, seq_len, device):
-    rows = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64)
-    x, y = torch.from_numpy(rows[:, :-1]), torch.from_numpy(rows[:, 1:])
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    """Inputs and next-token targets [B, seq_len] of the windows at starts, copied to the device (on CUDA from
+    pinned memory, without waiting)."""
+    rows = torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+    return training.to_device(rows[:, :-1], device), training.to_device(rows[:, 1:], device)
 
 def unigram_loss(train_data, val_data, vocab_size):
     """Cross-entropy on val of the train set's token frequencies (add-one smoothed): the loss of a model that
@@ -64,6 +68,19 @@ def unigram_loss(train_data, val_data, vocab_size):
     counts = np.bincount(train_data, minlength=vocab_size) + 1.0
     log_probs = np.log(counts / counts.sum())
     return float(-log_probs[val_data].mean())
+
+@torch.no_grad()
+def evaluate(model, val_data, cfg, run):
+    """Mean loss on eval_batches fixed validation batches (the same ones at every evaluation)."""
+    model.eval()
+    starts = batch_rows(cfg.seed, 0, cfg.eval_batches * cfg.batch_size, len(val_data) - cfg.seq_len - 1, split=1)
+    losses = []
+    for i in range(cfg.eval_batches):
+        x, y = get_batch(val_data, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.seq_len, run.device)
+        with run.autocast():
+            losses.append(model(x, y)[1])
+    model.train()
+    return torch.stack(losses).mean().item()
 
 def build_model(cfg, tok, checkpoint):
     """(model, checkpoint to continue, growth note) for a fresh Doge, a nanodoge checkpoint or a published Hugging
@@ -83,15 +100,12 @@ def build_model(cfg, tok, checkpoint):
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
-    run = setup_training(cfg)
+    run = training.setup(cfg)
     common.require_prepared(cfg.data_dir, argv, offline_dir="data/shakespeare")
     tok = load_tokenizer(cfg.data_dir)
     train_data = common.read_array(os.path.join(cfg.data_dir, "train.bin"))
     val_data = common.read_array(os.path.join(cfg.data_dir, "val.bin"))
-    for name, data in (("train.bin", train_data), ("val.bin", val_data)):
-        if len(data) <= cfg.seq_len + 1:
-            raise ValueError(f"{cfg.data_dir}/{name} holds {len(data)} tokens, fewer than seq_len={cfg.seq_len}")
-    checkpoint = resume_checkpoint(cfg)
+    checkpoint = training.resume_checkpoint(cfg)
     if checkpoint is None and ckpt.is_checkpoint(cfg.init_from):
         # continue another run with its optimizer and step, e.g. a stable-phase WSD checkpoint on new data
         # with a new max_steps, so that only the final decay is new
@@ -100,13 +114,21 @@ def main(argv=None):
     model = model.to(run.device)
     if grown and run.master:
         print(grown)
+    for name, data in (("train.bin", train_data), ("val.bin", val_data)):
+        if len(data) <= cfg.seq_len + 1:
+            raise ValueError(f"{cfg.data_dir}/{name} holds {len(data)} tokens, fewer than seq_len={cfg.seq_len}")
+        # the token ids are checked once here, against the largest the file records, not in every batch
+        largest = common.array_max_value(os.path.join(cfg.data_dir, name))
+        if largest >= model.config.vocab_size:
+            raise ValueError(f"{cfg.data_dir}/{name} holds token id {largest} but the model's vocabulary has "
+                             f"{model.config.vocab_size}: set vocab_size > {largest} or use the model's tokenizer")
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data's tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}: set vocab_size >= {tok.vocab_size}")
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds max_position_embeddings="
                          f"{model.config.max_position_embeddings}")
-    grad_accum = grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, run.world_size)
+    grad_accum = training.grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, run.world_size)
     rows_per_step = cfg.batch_size * grad_accum * run.world_size
     unigram = unigram_loss(train_data, val_data, model.config.vocab_size)
     if run.master:
@@ -116,30 +138,74 @@ def main(argv=None):
               f"{run.device} {run.dtype} | train {len(train_data):,} tokens | unigram baseline val loss "
               f"{unigram:.3f}")
 
-    def batch_loss(model, step, micro_step):
+    def train_batch(step, micro_step):
+        """This process's micro-batch: its rows of the step's, a pure function of (seed, step), so a resumed run
+        (on any number of processes) sees what the uninterrupted one would."""
         starts = batch_rows(cfg.seed, step, rows_per_step, len(train_data) - cfg.seq_len - 1)
         first = (micro_step * run.world_size + run.rank) * cfg.batch_size
-        x, y = get_batch(train_data, starts[first:first + cfg.batch_size], cfg.seq_len, run.device)
-        _, loss = model(x, y, cross_entropy=run.cross_entropy)
-        return loss, {}
+        return get_batch(train_data, starts[first:first + cfg.batch_size], cfg.seq_len, run.device)
 
-    @torch.no_grad()
-    def evaluate(model):
-        model.eval()
-        starts = batch_rows(cfg.seed, 0, cfg.eval_batches * cfg.batch_size, len(val_data) - cfg.seq_len - 1, split=1)
-        losses = []
-        for i in range(cfg.eval_batches):
-            x, y = get_batch(val_data, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.seq_len, run.device)
-            with run.autocast():
-                losses.append(model(x, y)[1].item())
-        model.train()
-        return dict(val_loss=sum(losses) / len(losses), unigram_val_loss=unigram)  # the bar to clear, beside it
-
+    optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
+    backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
     flops_per_step = model.flops_per_token(cfg.seq_len) * cfg.batch_tokens
-    train(cfg, run, model, tok, batch_loss, evaluate, cfg.batch_tokens, flops_per_step, grad_accum, checkpoint,
-          stage="pt")
+    peak_flops = common.measure_peak_flops(run.device, run.dtype)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
+    if start_step == 0:  # the number every later evaluation is compared with
+        with backend.gathered():
+            val_loss = evaluate(model, val_data, cfg, run)
+        training.log_eval(run, log_path, 0, dict(val_loss=val_loss, unigram_val_loss=unigram), "before training")
+    if start_step >= cfg.max_steps:
+        print(f"already trained to max_steps={cfg.max_steps}")
+    x, y = train_batch(start_step, 0)
+    timer, timed_from = time.perf_counter(), start_step
+    with training.stop_requests() as stop_signal:
+        for step in range(start_step, cfg.max_steps):
+            lr = training.set_learning_rate(optimizer, step, cfg)
+            # the micro-steps queue work on the device and read nothing back: the loss stays there until a log step
+            loss_sum = torch.zeros((), device=run.device)
+            for micro_step in range(grad_accum):
+                with backend.no_sync(skip=micro_step < grad_accum - 1):  # DDP all-reduces at the last one only
+                    with run.autocast():
+                        _, loss = backend.model(x, y, cross_entropy=run.cross_entropy)
+                    loss = loss / grad_accum  # this micro-step's share of the step's mean loss
+                    # the next micro-batch, cut and copied while the device still runs this one
+                    x, y = train_batch(*divmod(step * grad_accum + micro_step + 1, grad_accum))
+                    loss_sum += loss.detach()
+                    backend.backward(loss)
+            grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
+
+            last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
+            save = training.save_due(cfg, step, stopping)
+            logging = step % cfg.log_interval == 0 or last_step
+            if logging or save:  # the host reads the step's numbers: here, and only here, it waits for the device
+                loss, grad_norm = training.mean_over_processes(run, loss_sum), float(grad_norm)
+                training.check_finite(loss, grad_norm, step, cfg, run)
+            if logging:
+                seconds = (time.perf_counter() - timer) / (step - timed_from + 1)
+                record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                              tokens_per_s=cfg.batch_tokens / seconds,
+                              mfu=flops_per_step / seconds / (peak_flops * run.world_size))
+                training.log(run, log_path, record, f"step {step} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
+                             f"{grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%")
+                timer, timed_from = time.perf_counter(), step + 1
+            if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
+                with backend.gathered():
+                    val_loss = evaluate(model, val_data, cfg, run)
+                training.log_eval(run, log_path, step, dict(val_loss=val_loss, unigram_val_loss=unigram),
+                                  f"eval step {step}")
+                timer, timed_from = time.perf_counter(), step + 1
+            if save:
+                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "pt"))
+            if stopping:
+                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+                break
+    if run.master and not stop_signal:
+        training.export(cfg)
+        training.plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
     if run.world_size > 1:
         dist.destroy_process_group()
+    return model
 
 if __name__ == "__main__":
     common.run(main)

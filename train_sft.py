@@ -8,20 +8,22 @@ Supervised fine-tuning: next-token cross-entropy on what the assistant says, and
 The data is what prepare_data.py writes: chat-rendered conversations (ragged token arrays) and the loss mask
 the chat renderer made with them, 1 exactly on assistant content and its <|im_end|>. A micro-batch is right-
 padded to its longest conversation: under the causal mask no real token ever attends to a pad, and pads and
-user/system tokens are never targets (-1). The loop (schedule, accumulation, DDP/DeepSpeed, checkpoints, exact
-resume) is training.train; this file only says what a batch and its loss are, and how the model is evaluated.
+user/system tokens are never targets (-1), and the output head runs on the scored rows only. main() is the whole
+run in execution order, its loop written out (learning rate, micro-steps, clip and optimizer step, log, eval,
+save); training.py holds the tools it calls.
 """
 import os
 import json
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 import common
-from training import setup_training, train
+import training
 from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, check_data,
-                           steps_per_run, examples_per_micro_step, load_policy, evaluate_accuracy)
+                           steps_per_run, examples_per_micro_step, load_policy, evaluate_accuracy, scored_positions)
 
 DEFAULTS = dict(
     # I/O
@@ -39,32 +41,55 @@ DEFAULTS = dict(
     epochs=2.0, max_steps=-1, learning_rate=8e-4, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
     min_lr_rate=0.0, decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
-    seed=1337, device="auto", dtype="auto", compile=False, backend="ddp", zero_stage=2,
+    seed=1337, device="auto", dtype="auto", backend="ddp", zero_stage=2,
+    compile="auto",  # auto | True | False: auto compiles where it is faster (training.resolve_compile)
 )
 
 # -----------------------------------------------------------------------------
 # batches and data
 
 def sft_batch(ragged, indices, max_len, pad_id, device):
-    """Inputs x and targets y [B, T-1]: y[t] = x[t+1] where the renderer's mask is 1, else -1 (ignored)."""
+    """Inputs x and targets y [B, T-1]: y[t] = x[t+1] where the renderer's mask is 1, else -1 (ignored); and the
+    flat indices of the scored positions (scored_positions), all made on the host, then copied to the device."""
     ids, mask = pad_examples(get_examples(ragged, indices, max_len), pad_id)
     x, y = ids[:, :-1], ids[:, 1:].masked_fill(mask[:, 1:] == 0, -1)
-    return x.to(device), y.to(device)
+    scored = scored_positions(y)
+    return training.to_device(x, device), training.to_device(y, device), training.to_device(scored, device)
 
 def read_jsonl(path, limit):
     with open(path) as f:
         return [json.loads(line) for line, _ in zip(f, range(limit))]
+
+@torch.no_grad()
+def evaluate(model, tok, val_set, val_usable, val_counts, test_examples, pad_id, cfg, run):
+    """Held-out loss per assistant token, and (with a test set) greedy answer accuracy, exact match inside
+    <answer> (the arithmetic curriculum's test set)."""
+    model.eval()
+    loss_sum = 0.0
+    for first in range(0, len(val_usable), cfg.batch_size):
+        chunk = val_usable[first:first + cfg.batch_size]
+        x, y, scored = sft_batch(val_set, chunk, cfg.seq_len, pad_id, run.device)
+        with run.autocast():
+            loss_sum += model(x, y, scored=scored)[1] * float(val_counts[chunk].sum())
+    metrics = dict(val_loss=loss_sum.item() / float(val_counts[val_usable].sum()))
+    if test_examples:
+        with run.autocast():
+            metrics["accuracy"], completions = evaluate_accuracy(model, tok, test_examples, cfg.max_new_tokens)
+        if run.master:
+            print(f"sample answer: {completions[0]!r}")
+    model.train()
+    return metrics
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
     common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
-    run = setup_training(cfg)
+    run = training.setup(cfg)
     train_set = common.read_ragged(os.path.join(cfg.data_dir, "sft_train"))
     val_set = common.read_ragged(os.path.join(cfg.data_dir, "sft_val"))
     model, tok, checkpoint = load_policy(cfg, run.device)
-    check_data(tok, model, cfg.data_dir, {"sft_train": train_set, "sft_val": val_set}, cfg.seq_len)
+    check_data(tok, model, cfg.data_dir, ["sft_train", "sft_val"], cfg.seq_len)
     test_path = os.path.join(cfg.data_dir, "test.jsonl")
     test_examples = read_jsonl(test_path, cfg.eval_examples) if os.path.exists(test_path) else []
 
@@ -79,8 +104,8 @@ def main(argv=None):
     cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
     lengths = np.minimum(np.diff(train_set[2]), cfg.seq_len)[usable]
     tokens_per_step = int(lengths.mean() * examples_per_step)
-    scored = train_counts[usable].mean() / lengths.mean()  # the share of tokens that pass the output head
-    flops_per_step = model.flops_per_token(lengths.mean(), scored) * tokens_per_step
+    scored_share = train_counts[usable].mean() / lengths.mean()  # the share of tokens that pass the output head
+    flops_per_step = model.flops_per_token(lengths.mean(), scored_share) * tokens_per_step
     pad_id = tok.eos_id  # any id: pads are never targets and come after every real token
     if run.master:
         truncated = int((np.diff(train_set[2]) > cfg.seq_len).sum())
@@ -90,40 +115,75 @@ def main(argv=None):
               f"{run.world_size} processes x {grad_accum} accumulation = {cfg.max_steps * examples_per_step / len(usable):.2f} "
               f"epochs | {run.device} {run.dtype}")
 
-    def batch_loss(model, step, micro_step):
+    def train_batch(step, micro_step):
+        """This process's micro-batch of the step's examples (a pure function of (seed, step): exact resume on any
+        number of processes), and its weight: the step's loss is the mean over every assistant token of the global
+        batch, so a micro-batch's mean counts by its share of those tokens (one of short answers must not count as
+        much as one of long answers), times the processes, whose gradients DDP averages. Counted on the host."""
         indices = usable[step_indices(cfg.seed, step, examples_per_step, len(usable))]
         mine = micro_batch(indices, micro_step, run.rank, run.world_size, cfg.batch_size)
-        x, y = sft_batch(train_set, mine, cfg.seq_len, pad_id, run.device)
-        _, loss = model(x, y, cross_entropy=run.cross_entropy)  # mean over this micro-batch's assistant tokens
-        # Re-weight so the step's gradient is the mean over every assistant token of the global batch, however
-        # it is split into micro-batches and processes (the loop divides by grad_accum, DDP averages ranks):
-        # a micro-batch of short answers must not count as much as one of long answers.
-        share = float(train_counts[mine].sum() / train_counts[indices].sum())
-        return loss * (share * grad_accum * run.world_size), {}
+        weight = float(train_counts[mine].sum() / train_counts[indices].sum()) * run.world_size
+        return (*sft_batch(train_set, mine, cfg.seq_len, pad_id, run.device), weight)
 
-    @torch.no_grad()
-    def evaluate(model):
-        model.eval()
-        loss_sum = 0.0
-        for first in range(0, len(val_usable), cfg.batch_size):
-            chunk = val_usable[first:first + cfg.batch_size]
-            x, y = sft_batch(val_set, chunk, cfg.seq_len, pad_id, run.device)
-            with run.autocast():
-                loss_sum += model(x, y)[1].item() * val_counts[chunk].sum()
-        metrics = dict(val_loss=loss_sum / float(val_counts[val_usable].sum()))
-        if test_examples:  # greedy, exact match inside <answer> (the arithmetic curriculum's test set)
-            with run.autocast():
-                metrics["accuracy"], completions = evaluate_accuracy(model, tok, test_examples,
-                                                                            cfg.max_new_tokens)
-            if run.master:
-                print(f"sample answer: {completions[0]!r}")
-        model.train()
-        return metrics
+    def evaluate_now(model):
+        with backend.gathered():
+            return evaluate(model, tok, val_set, val_usable, val_counts, test_examples, pad_id, cfg, run)
 
-    train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, flops_per_step, grad_accum, checkpoint,
-          stage="sft")
+    optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
+    backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
+    peak_flops = common.measure_peak_flops(run.device, run.dtype)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
+    if start_step == 0:  # the numbers every later evaluation is compared with
+        training.log_eval(run, log_path, 0, evaluate_now(model), "before training")
+    if start_step >= cfg.max_steps:
+        print(f"already trained to max_steps={cfg.max_steps}")
+    x, y, scored, weight = train_batch(start_step, 0)
+    timer, timed_from = time.perf_counter(), start_step
+    with training.stop_requests() as stop_signal:
+        for step in range(start_step, cfg.max_steps):
+            lr = training.set_learning_rate(optimizer, step, cfg)
+            # the micro-steps queue work on the device and read nothing back: the loss stays there until a log step
+            loss_sum = torch.zeros((), device=run.device)
+            for micro_step in range(grad_accum):
+                with backend.no_sync(skip=micro_step < grad_accum - 1):  # DDP all-reduces at the last one only
+                    with run.autocast():  # mean over this micro-batch's assistant tokens
+                        _, loss = backend.model(x, y, cross_entropy=run.cross_entropy, scored=scored)
+                    loss = loss * weight  # this micro-step's share of the step's loss
+                    # the next micro-batch, cut and copied while the device still runs this one
+                    x, y, scored, weight = train_batch(*divmod(step * grad_accum + micro_step + 1, grad_accum))
+                    loss_sum += loss.detach()
+                    backend.backward(loss)
+            grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
+
+            last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
+            save = training.save_due(cfg, step, stopping)
+            logging = step % cfg.log_interval == 0 or last_step
+            if logging or save:  # the host reads the step's numbers: here, and only here, it waits for the device
+                loss, grad_norm = training.mean_over_processes(run, loss_sum), float(grad_norm)
+                training.check_finite(loss, grad_norm, step, cfg, run)
+            if logging:
+                seconds = (time.perf_counter() - timer) / (step - timed_from + 1)
+                record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
+                              tokens_per_s=tokens_per_step / seconds,
+                              mfu=flops_per_step / seconds / (peak_flops * run.world_size))
+                training.log(run, log_path, record, f"step {step} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
+                             f"{grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%")
+                timer, timed_from = time.perf_counter(), step + 1
+            if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
+                training.log_eval(run, log_path, step, evaluate_now(model), f"eval step {step}")
+                timer, timed_from = time.perf_counter(), step + 1
+            if save:
+                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "sft"))
+            if stopping:
+                print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
+                break
+    if run.master and not stop_signal:
+        training.export(cfg)
+        training.plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
     if run.world_size > 1:
         dist.destroy_process_group()
+    return model
 
 if __name__ == "__main__":
     common.run(main)

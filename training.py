@@ -1,17 +1,16 @@
 """
-The training loop every stage shares, and its pieces: processes and precision, AdamW, checkpoints with exact
-resume, logging, DDP or DeepSpeed ZeRO, and the loss function chosen for the device.
+The toolbox every stage's training loop draws on, plain functions and no loop: processes, precision and
+compile, the loss function chosen for the device, AdamW with exact resume, checkpoint state, stop signals, the
+NaN check, the JSONL log and the model the loop calls (compiled, wrapped in DDP: DDPBackend; DeepSpeed ZeRO
+lives in deepspeed_zero.py, imported only with backend=deepspeed).
 
-train_pt.py, train_sft.py and train_dpo.py hand `train` their own batch_loss and evaluate functions;
-train_grpo.py writes its own loop from the pieces. Across several nodes, out_dir must be one directory all of
-them see (a shared file system): rank 0 writes the checkpoint file there, every rank its DeepSpeed shards, and
-every rank reads them back to resume.
+Each stage script (train_pt.py, train_sft.py, train_dpo.py, train_grpo.py) writes its own loop from these, in
+execution order. Across several nodes, out_dir must be one directory all of them see (a shared file system):
+rank 0 writes the checkpoint file there, every rank its DeepSpeed shards, and every rank reads them back.
 """
 import os
 import json
 import math
-import time
-import shutil
 import signal
 import dataclasses
 import contextlib
@@ -27,30 +26,34 @@ import checkpoint as ckpt
 # the loss, chosen for the device
 
 class ChunkedCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(logits.float(), targets) for logits [N, V], without its [N, V] buffers (a float32 copy,
-    the log-softmax, in backward a one-hot and the log-softmax's gradient: on a CPU each is a fresh allocation
-    written and read in full, and page faults). Rows go in chunks that stay in the cache: forward keeps one
-    logsumexp per row, backward writes d loss / d logits = (softmax - onehot) / N once."""
+    """F.cross_entropy(logits.float(), targets, ignore_index=-1) for logits [N, V], without its [N, V] buffers (a
+    float32 copy, the log-softmax, in backward a one-hot and the log-softmax's gradient: on a CPU each is a fresh
+    allocation written and read in full, and page faults). Rows go in chunks that stay in the cache: forward keeps
+    one logsumexp per row, backward writes d loss / d logits = (softmax - onehot) / N once. The mean is over the
+    rows whose target is not -1, their count kept on the device (no host read)."""
     ROWS = 32  # a chunk of 32 rows of a 32k vocabulary is 4 MB in float32: it fits a CPU's L2/L3
 
     @staticmethod
     def forward(ctx, logits, targets):
+        scored = targets >= 0
+        targets = targets.clamp(min=0)  # an ignored row reads any logit; its loss and gradient are zeroed
         lse = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(ChunkedCrossEntropy.ROWS)])
         target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
-        ctx.save_for_backward(logits, targets, lse)
-        return (lse - target_logits).mean()
+        count = scored.sum()
+        ctx.save_for_backward(logits, targets, lse, scored, count)
+        return ((lse - target_logits) * scored).sum() / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets, lse, scored, count = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        scale = grad_loss / logits.size(0)
+        scale = grad_loss / count
         rows = ChunkedCrossEntropy.ROWS
         for start in range(0, logits.size(0), rows):
             t, l = targets[start:start + rows, None], lse[start:start + rows, None]
             p = (logits[start:start + rows].float() - l).exp_()  # softmax, from the saved logsumexp
             p.scatter_add_(1, t, torch.full_like(t, -1, dtype=p.dtype))  # - onehot(target)
-            grad[start:start + rows] = p.mul_(scale)
+            grad[start:start + rows] = p.mul_(scale * scored[start:start + rows, None])
         return grad, None
 
 def training_cross_entropy(device, compiled):
@@ -62,18 +65,35 @@ def training_cross_entropy(device, compiled):
 # -----------------------------------------------------------------------------
 # setup shared by every stage
 
-def setup_training(cfg):
-    """Processes, device, precision, loss function and seed: a namespace every stage's loop reads."""
+def resolve_compile(setting, device):
+    """(whether to torch.compile the training forward, a line that says why). auto compiles where bench.py
+    measured it faster: on CUDA, and on a CPU with AVX-512 (train 1.14x in float32, 1.44x in bf16 on the Doge-20M
+    shape); on an AVX2-only CPU it measured 0.99x against eager with the chunked loss, so it stays eager there."""
+    if setting not in ("auto", "True", "False", True, False):
+        raise ValueError(f"compile must be auto, True or False, got {setting!r}")
+    if setting in ("True", "False", True, False):
+        return setting in ("True", True), f"compile {setting in ('True', True)}"
+    if device.type == "cuda":
+        return True, "compile auto: on (CUDA)"
+    capability = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else device.type
+    if device.type == "cpu" and capability.startswith("AVX512"):
+        return True, f"compile auto: on (this CPU has {capability})"
+    return False, f"compile auto: off ({capability}: eager measured as fast)"
+
+def setup(cfg):
+    """Processes, device, precision, compile, loss function and seed: a namespace every stage's loop reads.
+    The first line printed says which device, dtype and compile setting the run got, and why."""
     run = common.setup_distributed(cfg.device)
-    run.dtype, why = common.resolve_dtype(cfg.dtype, run.device)
+    run.dtype, dtype_why = common.resolve_dtype(cfg.dtype, run.device)
     run.autocast = lambda: common.autocast(run.device, run.dtype)
-    run.cross_entropy = training_cross_entropy(run.device, getattr(cfg, "compile", False))
+    run.compile, compile_why = resolve_compile(getattr(cfg, "compile", False), run.device)
+    run.cross_entropy = training_cross_entropy(run.device, run.compile)
     torch.manual_seed(cfg.seed + run.rank)
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if run.master:
-        print(f"{run.device} | {why}", flush=True)
+        print(f"{run.device} | {dtype_why} | {compile_why}", flush=True)
         os.makedirs(cfg.out_dir, exist_ok=True)
     return run
 
@@ -92,8 +112,15 @@ def grad_accum_steps(batch_tokens, tokens_per_micro_batch, world_size):
                          f"= {per_pass}: change one of them")
     return batch_tokens // per_pass
 
+def to_device(tensor, device):
+    """A host tensor on the device. On CUDA from pinned memory and non-blocking: the copy runs while the GPU
+    still computes the micro-step queued before it (from pageable memory it would wait for it)."""
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
 # -----------------------------------------------------------------------------
-# pieces of a training loop (train_grpo.py writes its own loop from these too)
+# optimizer, checkpoint state, the model the loop calls
 
 def make_optimizer(cfg, run, model, checkpoint=None):
     """AdamW over the model's decay groups (fused on GPUs). Resuming, its state and the RNG state come back from
@@ -111,6 +138,14 @@ def make_optimizer(cfg, run, model, checkpoint=None):
         torch.mps.set_rng_state(checkpoint["rng"]["mps"])
     return optimizer, checkpoint["step"]
 
+def set_learning_rate(optimizer, step, cfg):
+    """The schedule's learning rate for this step (common.lr_at), set on every parameter group."""
+    lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio, cfg.decay_ratio,
+                      cfg.min_lr_rate, cfg.decay_shape)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
 def training_state(cfg, run, model, tok, step, stage, **extra):
     """What a checkpoint holds besides the optimizer: weights, shapes, the next step, config, tokenizer, RNG."""
     return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), step=step,
@@ -118,6 +153,64 @@ def training_state(cfg, run, model, tok, step, stage, **extra):
                 rng=dict(cpu=torch.get_rng_state(),
                          cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
                          mps=torch.mps.get_rng_state() if run.device.type == "mps" else None))
+
+def make_backend(cfg, run, model, optimizer, grad_accum, checkpoint):
+    """The model the loop calls and the optimizer step behind it: DDPBackend, or with backend=deepspeed
+    deepspeed_zero.DeepSpeedBackend (ZeRO 1/2/3; that module, and deepspeed itself, imported only then)."""
+    if cfg.backend not in ("ddp", "deepspeed"):
+        raise ValueError(f"backend must be 'ddp' or 'deepspeed', got {cfg.backend!r}")
+    if checkpoint is not None and ("deepspeed_tag" in checkpoint) != (cfg.backend == "deepspeed"):
+        raise ValueError(f"{cfg.init_from}: the checkpoint's optimizer state was written with backend="
+                         f"{checkpoint['config'].get('backend')}: continue it with that --backend")
+    if cfg.backend == "deepspeed":
+        import deepspeed_zero
+        return deepspeed_zero.DeepSpeedBackend(cfg, run, model, optimizer, grad_accum, checkpoint)
+    return DDPBackend(run, model, optimizer, compiled=run.compile)
+
+class DDPBackend:
+    """One process or DDP across many. .model is what the loop calls: compiled first (one graph, fullgraph), then
+    in DDP, whose no_sync() then skips the all-reduce of all but the last micro-step's gradients. The RoPE tables
+    are constants: no broadcast of buffers before each forward. float16 runs through a GradScaler."""
+    def __init__(self, run, raw_model, optimizer, compiled=False):
+        self.raw_model, self.optimizer = raw_model, optimizer
+        self.model = torch.compile(raw_model, fullgraph=True) if compiled else raw_model
+        if run.world_size > 1:
+            self.model = DDP(self.model, device_ids=[run.local_rank] if run.device.type == "cuda" else None,
+                             broadcast_buffers=False)
+        self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == "float16")
+
+    def no_sync(self, skip):
+        """Around a micro-step's forward and backward: skip=True keeps its gradients local (not the last one)."""
+        return self.model.no_sync() if skip and isinstance(self.model, DDP) else contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def step(self, grad_clip):
+        """Clip, the optimizer step, zero the gradients. Returns the gradient norm before clipping, a tensor on
+        the device (read on the host at log steps only)."""
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def gathered(self):
+        """Whole weights for an evaluation (they always are without ZeRO-3)."""
+        return contextlib.nullcontext()
+
+    def save(self, cfg, run, state):
+        """Rank 0 writes out_dir/ckpt_<step>.pt with the optimizer state (atomically, keeping keep_last)."""
+        save_training_state(cfg, run, dict(state, optimizer=self.optimizer.state_dict()))
+
+def save_training_state(cfg, run, state):
+    """Rank 0 writes the checkpoint out_dir/ckpt_<step>.pt (atomically, rotating out all but keep_last)."""
+    if run.master:
+        print(f"saved {ckpt.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
+
+# -----------------------------------------------------------------------------
+# the end of a step: stop signals, when to save, the NaN check, the log
 
 @contextlib.contextmanager
 def stop_requests():
@@ -132,23 +225,25 @@ def stop_requests():
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-def save_training_state(cfg, run, state):
-    """Rank 0 writes the checkpoint out_dir/ckpt_<step>.pt (atomically, rotating out all but keep_last)."""
-    if run.master:
-        print(f"saved {ckpt.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
+def save_due(cfg, step, stopping):
+    """Save after this step: every ckpt_interval steps, at the last step, and when a stop was asked for."""
+    return step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or step == cfg.max_steps - 1 or stopping
 
-def save_or_stop(cfg, step, stop_signal, save):
-    """End of a step: save(step + 1) every ckpt_interval steps, at the last step and when a stop was asked for;
-    True when the loop must stop (a SIGINT/SIGTERM arrived)."""
-    if step % cfg.ckpt_interval == cfg.ckpt_interval - 1 or step == cfg.max_steps - 1 or stop_signal:
-        save(step + 1)
-    if stop_signal:
-        print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
-    return bool(stop_signal)
+def mean_over_processes(run, values):
+    """values (a 0-d tensor or a dict of them, each this process's share summed over its micro-steps) averaged
+    over the processes and read on the host: the one device-to-host read of a step, at log and save steps."""
+    names = list(values) if isinstance(values, dict) else None
+    stacked = torch.stack([values[k] for k in names] if names else [values]).float()
+    if run.world_size > 1:
+        dist.all_reduce(stacked)
+        stacked = stacked / run.world_size
+    numbers = stacked.tolist()
+    return dict(zip(names, numbers)) if names else numbers[0]
 
 def check_finite(loss, grad_norm, step, cfg, run):
     """Stop loudly on a NaN/inf loss or gradient (fp16 overflows are the GradScaler's to skip); a NaN on any rank
-    reaches every rank's grad norm through the all-reduce, so all ranks stop together."""
+    reaches every rank's grad norm through the all-reduce, so all ranks stop together. Called at every log and
+    save step, so no checkpoint is written after a step that went wrong."""
     if not math.isfinite(loss) or (not math.isfinite(grad_norm) and run.dtype != "float16"):
         raise ValueError(f"loss {loss} / grad norm {grad_norm} at step {step}: stopping; the last good "
                          f"checkpoint in {cfg.out_dir} is intact (lower learning_rate or check the data)")
@@ -159,6 +254,9 @@ def log(run, log_path, record, line):
         print(line, flush=True)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+def log_eval(run, log_path, step, metrics, label="eval"):
+    log(run, log_path, dict(step=step, **metrics), f"{label} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 def truncate_log(run, log_path, keep):
     """Keep the log records for which keep(record) holds: a resumed run drops those of the steps it redoes, so
@@ -177,174 +275,6 @@ def export(cfg):
     tok.save(export_dir)
     print(f"exported the final model to {export_dir} (Hugging Face format)")
 
-# -----------------------------------------------------------------------------
-# the training loop
-
-def train(cfg, run, model, tok, batch_loss, evaluate, tokens_per_step, flops_per_step, grad_accum, checkpoint=None,
-          stage="pt"):
-    """Optimise model for steps [start, max_steps). batch_loss(model, step, micro_step) -> (loss, metrics)
-    must pick its batch as a pure function of (seed, step, micro_step, rank): with the step, model,
-    optimizer and RNG restored from a checkpoint, a resumed run then repeats the uninterrupted one exactly.
-    evaluate(model) -> metrics runs on every rank (ZeRO-3 needs all of them for a forward pass), once before the
-    first step (logged with before=True) and every eval_interval steps."""
-    raw_model = model
-    optimizer, start_step = make_optimizer(cfg, run, raw_model, checkpoint)
-    if checkpoint is not None and ("deepspeed_tag" in checkpoint) != (cfg.backend == "deepspeed"):
-        raise ValueError(f"{cfg.init_from}: the checkpoint's optimizer state was written with backend="
-                         f"{checkpoint['config'].get('backend')}: continue it with that --backend")
-    engine = None
-    if cfg.backend not in ("ddp", "deepspeed"):
-        raise ValueError(f"backend must be 'ddp' or 'deepspeed', got {cfg.backend!r}")
-    if cfg.backend == "deepspeed":
-        engine = model = deepspeed_engine(cfg, run, raw_model, optimizer, grad_accum, checkpoint)
-    else:
-        model = wrap_model(cfg, run, raw_model)
-    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == "float16")
-
-    def save(step):  # step = the next step to run
-        if engine is not None:
-            save_deepspeed_checkpoint(cfg, run, engine, training_state(cfg, run, raw_model, tok, step, stage))
-        else:
-            save_training_state(cfg, run, training_state(cfg, run, raw_model, tok, step, stage,
-                                                         optimizer=optimizer.state_dict()))
-
-    peak_flops = common.measure_peak_flops(run.device, run.dtype)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    truncate_log(run, log_path, lambda record: record["step"] < start_step)
-    if start_step == 0:  # the numbers every later evaluation is compared with
-        with gathered_parameters(cfg, raw_model):
-            metrics = evaluate(raw_model)
-        log(run, log_path, dict(step=0, before=True, **metrics),
-            "before training | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-    if start_step >= cfg.max_steps:
-        print(f"already trained to max_steps={cfg.max_steps}")
-    step_start, timed_from = time.perf_counter(), start_step
-    with stop_requests() as stop_signal:
-        for step in range(start_step, cfg.max_steps):
-            lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio,
-                              cfg.decay_ratio, cfg.min_lr_rate, cfg.decay_shape)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, metric_sums = 0.0, {}
-            for micro_step in range(grad_accum):
-                last_micro_step = micro_step == grad_accum - 1
-                no_sync = model.no_sync() if isinstance(model, DDP) and not last_micro_step else contextlib.nullcontext()
-                with no_sync:
-                    with run.autocast():
-                        loss, metrics = batch_loss(model, step, micro_step)
-                    if engine is not None:
-                        engine.backward(loss)  # deepspeed divides by the accumulation steps itself
-                        engine.step()  # an optimizer step at the last micro-step only
-                    else:
-                        scaler.scale(loss / grad_accum).backward()
-                loss_sum += loss.item() / grad_accum
-                for key, value in metrics.items():
-                    metric_sums[key] = metric_sums.get(key, 0.0) + value / grad_accum
-            if run.world_size > 1:  # log the loss and metrics of the whole global batch, not rank 0's share
-                values = torch.tensor([loss_sum, *metric_sums.values()], device=run.device)
-                dist.all_reduce(values)
-                loss_sum, *means = (values / run.world_size).tolist()
-                metric_sums = dict(zip(metric_sums, means))
-            if engine is not None:
-                grad_norm = float(engine.get_global_grad_norm() or 0.0)  # a tensor or None
-            else:
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
-            check_finite(loss_sum, grad_norm, step, cfg, run)
-            if engine is None:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-
-            last_step = step == cfg.max_steps - 1
-            if step % cfg.log_interval == 0 or last_step:
-                common.synchronize(run.device)
-                seconds = (time.perf_counter() - step_start) / (step - timed_from + 1)
-                record = dict(step=step, loss=loss_sum, lr=lr, grad_norm=grad_norm,
-                              tokens_per_s=tokens_per_step / seconds,
-                              mfu=flops_per_step / seconds / (peak_flops * run.world_size), **metric_sums)
-                extra = "".join(f" | {k} {v:.4f}" for k, v in metric_sums.items())
-                log(run, log_path, record, f"step {step} | loss {loss_sum:.4f} | lr {lr:.2e} | grad norm "
-                    f"{grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%{extra}")
-                step_start, timed_from = time.perf_counter(), step + 1
-            if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
-                with gathered_parameters(cfg, raw_model):
-                    metrics = evaluate(raw_model)
-                log(run, log_path, dict(step=step, **metrics),
-                    f"eval step {step} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                step_start, timed_from = time.perf_counter(), step + 1
-            if save_or_stop(cfg, step, stop_signal, save):
-                break
-    if run.master and not stop_signal:
-        export(cfg)
-        plot_losses(log_path, os.path.join(cfg.out_dir, "loss.png"))
-    return raw_model
-
-def wrap_model(cfg, run, raw_model):
-    """The module the loop calls: compiled first (cfg.compile), then in DDP across processes. In that order
-    the outer module is the DDP instance, whose no_sync() then skips the all-reduce of all but the last
-    micro-step's gradients. The RoPE tables are constants: no broadcast of buffers before each forward."""
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if run.world_size > 1:
-        model = DDP(model, device_ids=[run.local_rank] if run.device.type == "cuda" else None,
-                    broadcast_buffers=False)
-    return model
-
-def gathered_parameters(cfg, model):
-    """Under ZeRO-3 each rank holds a slice of every weight outside a forward pass; an evaluation that reads
-    weights directly (the generation engine's fused weights) needs them whole on every rank for its duration."""
-    if cfg.backend == "deepspeed" and cfg.zero_stage == 3:
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(list(model.parameters()))
-    return contextlib.nullcontext()
-
-def deepspeed_engine(cfg, run, model, optimizer, grad_accum, checkpoint):
-    """ZeRO stage 1/2/3 around a plain torch AdamW (DeepSpeed's own Adam would JIT-build an op); resuming, the
-    engine reloads its own sharded optimizer and fp32 master weights."""
-    try:
-        import deepspeed
-    except ImportError:
-        raise ValueError("backend=deepspeed needs `pip install deepspeed`") from None
-    if cfg.zero_stage not in (1, 2, 3):
-        raise ValueError(f"zero_stage must be 1, 2 or 3, got {cfg.zero_stage}")
-    if not dist.is_initialized():  # a single process still needs a process group
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT="29512").items():
-            os.environ.setdefault(key, value)
-        dist.init_process_group(backend="nccl" if run.device.type == "cuda" else "gloo")
-    ds_config = dict(train_micro_batch_size_per_gpu=cfg.batch_size, gradient_accumulation_steps=grad_accum,
-                     gradient_clipping=cfg.grad_clip, zero_optimization=dict(stage=cfg.zero_stage),
-                     bf16=dict(enabled=run.dtype == "bfloat16"), fp16=dict(enabled=run.dtype == "float16"),
-                     zero_allow_untested_optimizer=True)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if cfg.compile:
-        engine.compile()
-    if checkpoint is not None:  # its shards lie beside it, in deepspeed/<tag>
-        source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-        ckpt_dir = source if os.path.isdir(source) else os.path.dirname(source)
-        engine.load_checkpoint(os.path.join(ckpt_dir, "deepspeed"), tag=checkpoint["deepspeed_tag"])
-    return engine
-
-def save_deepspeed_checkpoint(cfg, run, engine, state):
-    """Every rank writes its shards (engine.save_checkpoint, into out_dir/deepspeed/step<N>); rank 0 then
-    rebuilds the full fp32 weights from them (the master weights, not the bf16 copy the engine computes with)
-    for the ckpt file, which is then like any other: later stages and sample.py read it as it is."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    ds_dir = os.path.join(cfg.out_dir, "deepspeed")
-    tag = f"step{state['step']:07d}"
-    engine.save_checkpoint(ds_dir, tag=tag)
-    if run.master:
-        fp32 = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag)
-        state["model"] = {key: fp32[key].clone() for key in state["model"]}  # tied weights: one tensor each
-        state["deepspeed_tag"] = tag
-        save_training_state(cfg, run, state)
-        kept = {f"step{os.path.basename(p)[5:12]}" for p in ckpt.checkpoint_paths(cfg.out_dir)}
-        for old in set(os.listdir(ds_dir)) - kept:  # the engine's shards of rotated-out checkpoints
-            if old.startswith("step"):
-                shutil.rmtree(os.path.join(ds_dir, old))
-    if dist.is_initialized():
-        dist.barrier()
-
 def plot_losses(log_path, png_path):
     try:
         import matplotlib
@@ -362,4 +292,3 @@ def plot_losses(log_path, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     print(f"loss curve: {png_path}")
-

@@ -5,8 +5,10 @@
 On every device: training (forward and backward) and generation (padded prefill, decode steps) find a fused
 SDPA kernel (the math kernel, which materialises T x T scores, is switched off: SDPA then raises instead of
 falling back), and a training step in the device's native low precision stays near the float32 one. On CUDA
-only (skipped elsewhere): 2-process DDP (NCCL) equal to one process, when 2 GPUs are present, and Doge-20M and
-Doge-160M training tokens/s and MFU against transformers (bench.py, printed with -s).
+only (skipped elsewhere): the micro-steps of pre-training and SFT never synchronize with the host (CUDA's sync
+debug mode set to "error" around them: tests/test_step.py counts the same on a CPU), 2-process DDP (NCCL) equal
+to one process, when 2 GPUs are present, and Doge-20M and Doge-160M training tokens/s and MFU against
+transformers (bench.py, printed with -s).
 """
 import os
 import json
@@ -19,6 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
 import common
+import train_pt
+import train_sft
 from engine import Engine
 from model import Doge, DogeConfig, left_pad
 
@@ -67,6 +71,24 @@ def test_native_precision_training_step_is_near_float32():
     (loss32, grad32), (loss16, grad16) = grads["float32"], grads[NATIVE]
     assert abs(loss16 - loss32) <= 0.01 * loss32
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) >= 0.99
+
+@cuda_only
+@pytest.mark.parametrize("compile", ["False", "auto"])
+def test_micro_steps_never_wait_for_the_gpu(compile, tiny_data, tmp_path, monkeypatch):
+    """Pre-training then SFT from it, eager and compiled (auto compiles on CUDA): a host sync inside any micro-step
+    (a .item(), a boolean selection, a copy from pageable memory) raises under sync debug mode "error"."""
+    from test_step import MODEL, micro_step_windows
+    micro_step_windows(monkeypatch, lambda: torch.cuda.set_sync_debug_mode("error"),
+                       lambda: torch.cuda.set_sync_debug_mode("default"))
+    system = ["--device=cuda", "--dtype=auto", f"--compile={compile}", "--log_interval=3", "--eval_interval=100"]
+    try:
+        train_pt.main([f"--data_dir={tiny_data['prose']}", f"--out_dir={tmp_path / 'pt'}", "--max_steps=6",
+                       "--batch_size=2", "--seq_len=32", "--batch_tokens=128", "--eval_batches=1", *MODEL, *system])
+        train_sft.main([f"--data_dir={tiny_data['arithmetic']}", f"--init_from={tmp_path / 'pt'}",
+                        f"--out_dir={tmp_path / 'sft'}", "--max_steps=6", "--batch_size=2", "--batch_examples=4",
+                        "--seq_len=128", "--eval_examples=2", "--max_new_tokens=4", *system])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 @cuda_only
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -100,7 +100,7 @@ def test_step_does_not_depend_on_the_micro_batch_size(loss_type, beta, num_itera
         model.zero_grad()
         loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, old, ref, cfg, 1, contextlib.nullcontext,
                                              torch.amp.GradScaler("cpu", enabled=False))
-        results.append((loss, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     for loss, grad in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
         assert torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-7)
@@ -212,7 +212,7 @@ def sft_model(tmp_path_factory, tiny_data):
     train_sft.main([f"--data_dir={data_dir}", f"--init_from={root / 'init'}", f"--out_dir={root / 'sft'}",
                     "--max_steps=100", "--batch_size=16", "--batch_examples=16", "--seq_len=256",
                     "--learning_rate=3e-3", "--eval_interval=1000", "--ckpt_interval=1000", "--eval_examples=8",
-                    "--log_interval=50", *SYSTEM])
+                    "--log_interval=50", "--compile=False", *SYSTEM])
     return root, data_dir
 
 
@@ -287,9 +287,10 @@ def test_offline_chain_runs_end_to_end(tmp_path):
     toy_model = ("--hidden_size=32 --intermediate_size=64 --num_hidden_layers=1 --num_attention_heads=2 "
                  "--num_key_value_heads=1 --max_position_embeddings=512 --keep_window_size=512")
     env = dict(os.environ, OUT=str(tmp_path / "out"), DATA=str(tmp_path / "data"),
-               PT_ARGS=f"{toy_model} --seq_len=32 --batch_size=2 --batch_tokens=64 --eval_batches=1",
-               SFT_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --max_new_tokens=8",
-               DPO_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2",
+               PT_ARGS=f"{toy_model} --seq_len=32 --batch_size=2 --batch_tokens=64 --eval_batches=1 --compile=False",
+               SFT_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --max_new_tokens=8 "
+                        "--compile=False",
+               DPO_ARGS="--seq_len=256 --batch_size=2 --batch_examples=2 --eval_examples=2 --compile=False",
                GRPO_ARGS="--prompts_per_step=2 --num_generations=2 --eval_prompts=2 --max_completion_length=8 "
                          "--batch_size=4")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -327,7 +328,7 @@ def _two_process_grpo_step(rank, port, path):
     mine = slice(4 * rank, 4 * rank + 4)
     loss, _ = train_grpo.policy_backward(ddp, ids[mine], mask[mine], advantages[mine], None, None, cfg, 2,
                                          contextlib.nullcontext, torch.amp.GradScaler("cpu", enabled=False))
-    total = torch.tensor(loss)
+    total = loss.clone()
     dist.all_reduce(total)
     if rank == 0:
         torch.save((total.item(), [p.grad for p in model.parameters()]), path)
@@ -355,6 +356,7 @@ def test_two_processes_take_the_step_of_one(tmp_path):
     model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=8)
     loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, None, None, cfg, 1, contextlib.nullcontext,
                                          torch.amp.GradScaler("cpu", enabled=False))
+    loss = loss.item()
     path = str(tmp_path / "rank0.pt")
     mp.spawn(_two_process_grpo_step, args=(29561, path), nprocs=2)
     two_loss, two_grads = torch.load(path)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import model as M
+import post_training
 from model import Doge, DogeConfig, sample_next_token
 
 transformers = pytest.importorskip("transformers")
@@ -62,14 +63,19 @@ def test_loss_equals_reference_and_ignores_minus_one():
     targets[0, :5] = -1
     labels = idx.clone()
     labels[0, 1:6] = -100  # the reference shifts labels inside
+    scored = post_training.scored_positions(targets, bucket=16)  # 40 scored rows, padded to 48
     with torch.no_grad():
         logits, loss = model(idx, targets)
+        head_logits, head_loss = model(idx, targets, scored=scored)
         ref_loss = reference_of(model)(idx, labels=labels).loss
         all_logits = model(idx)[0]
         by_hand = F.cross_entropy(all_logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
-    assert abs(loss.item() - by_hand.item()) <= 1e-6
-    assert max_diff(logits, all_logits[targets != -1]) <= 1e-6  # with targets: the scored positions' logits only
+    assert abs(loss.item() - by_hand.item()) <= 1e-6 and abs(head_loss.item() - by_hand.item()) <= 1e-6
+    assert max_diff(logits, all_logits.flatten(0, 1)) <= 1e-6  # without scored: every position through the head
+    # with scored: the head runs on the scored positions, then on pads that point at an ignored one
+    assert scored.shape == (48,) and (targets.flatten()[scored[40:]] == -1).all()
+    assert max_diff(head_logits[:40], all_logits[targets != -1]) <= 1e-6
 
 def test_folded_attention_equals_float_bias_attention_with_gradients():
     """The training fast path (dynamic mask folded into an extra key coordinate, is_causal) against the
@@ -298,18 +304,22 @@ def test_flops_per_token_counts_the_matmuls():
     targets = idx.clone()
     targets[:, :24] = -1  # a quarter scored: only those rows pass the output head
     with FlopCounterMode(display=False) as counter:
-        model(idx, targets)[1].backward()
+        model(idx, targets, scored=post_training.scored_positions(targets, bucket=1))[1].backward()
     assert abs(counter.get_total_flops() / (model.flops_per_token(T, scored=0.25) * B * T) - 1) < 0.02
 
 def test_compile_one_layer_forward_backward():
+    """The training forward with targets and scored rows compiles to one graph (fullgraph: a graph break, such as a
+    boolean selection whose shape the data decides, is an error) and equals eager, gradients included."""
     model = make_model(num_hidden_layers=1).train()
     idx = torch.randint(97, (2, 16))
-    compiled = torch.compile(model)
-    _, loss = compiled(idx, idx)
+    targets = idx.masked_fill(torch.rand(2, 16) < 0.5, -1)
+    scored = post_training.scored_positions(targets, bucket=8)
+    compiled = torch.compile(model, fullgraph=True)
+    _, loss = compiled(idx, targets, scored=scored)
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    _, eager_loss = model(idx, idx)
+    _, eager_loss = model(idx, targets, scored=scored)
     eager_loss.backward()
     assert abs(loss.item() - eager_loss.item()) <= 1e-5
     for g, p in zip(grads, model.parameters()):
@@ -398,10 +408,10 @@ def test_hub_id_offline_is_one_line(monkeypatch):
 def test_token_out_of_vocabulary_and_too_long():
     model = make_model(max_position_embeddings=16)
     with pytest.raises(ValueError) as e:
-        model(torch.tensor([[1, 2, 97]]))
+        model.generate(torch.tensor([[1, 2, 97]]), 1)
     one_line_error(e, "[0, 97)", "max 97")
     with pytest.raises(ValueError) as e:
-        model(torch.tensor([[1, -2]]))
+        model.generate(torch.tensor([[1, -2]]), 1)
     one_line_error(e, "min -2")
     with pytest.raises(ValueError) as e:
         model.generate(torch.tensor([[1, 2, 200]]), 2)
@@ -412,9 +422,6 @@ def test_token_out_of_vocabulary_and_too_long():
     with pytest.raises(ValueError) as e:
         model.generate(torch.zeros(1, 10, dtype=torch.long), 7)
     one_line_error(e, "max_position_embeddings 16")
-    with pytest.raises(ValueError) as e:
-        model(torch.zeros(1, 4, dtype=torch.long), torch.full((1, 4), 97))
-    one_line_error(e, "targets")
     longer = Doge(DogeConfig(**{**TINY, "max_position_embeddings": 32}))  # the override: a bigger config value
     assert longer(torch.zeros(1, 17, dtype=torch.long))[0].shape == (1, 17, 97)
 
@@ -424,7 +431,7 @@ def test_bench_runs_and_reports_every_row(capsys):
     bench.main(["--vocab_size=97", "--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=1",
                 "--num_attention_heads=2", "--num_key_value_heads=1", "--batch_size=2", "--seq_len=16",
                 "--timed_steps=1", "--dtypes=float32", "--new_tokens=4", "--prompt_len=4", "--ttft_prompt_len=8",
-                "--long_tokens=136", "--rollout_batch=2", "--rollout_tokens=2", "--encode=False"])
+                "--long_tokens=136", "--rollout_batch=2", "--rollout_tokens=2", "--encode=False", "--compile=False"])
     out = capsys.readouterr().out
     for row in ["train nanodoge float32", "train transformers float32", "generate nanodoge float32",
                 "generate transformers float32", "decode step (batch 1)", "rollouts nanodoge",

@@ -18,7 +18,8 @@ import training
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
         "--num_key_value_heads=1", "--batch_size=2", "--seq_len=32", "--batch_tokens=128",
-        "--learning_rate=1e-2", "--dtype=float32", "--device=cpu", "--eval_batches=2", "--log_interval=1"]
+        "--learning_rate=1e-2", "--dtype=float32", "--device=cpu", "--compile=False", "--eval_batches=2",
+        "--log_interval=1"]
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,8 @@ def test_one_line_errors(data_dir, tmp_path):
         f.truncate(os.path.getsize(truncated / "train.bin") - 10)
     with pytest.raises(ValueError, match="truncated"):
         train_pt.main(base + [f"--data_dir={truncated}"])
+    with pytest.raises(ValueError, match=r"holds token id \d+ but the model's vocabulary has 100"):
+        train_pt.main(base + [f"--data_dir={data_dir}", "--vocab_size=100"])  # checked once, from the file
     train_pt.main(base + [f"--data_dir={data_dir}"])
     with pytest.raises(ValueError, match="another shape"):
         train_pt.main(base + [f"--data_dir={data_dir}", "--init_from=resume", "--hidden_size=64"])
@@ -192,13 +195,15 @@ def test_config_files_hold_only_known_keys(name):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_cross_entropy_equals_torch_with_its_gradient(dtype):
     """The training loss (training.ChunkedCrossEntropy: chunks of rows, logsumexp kept, softmax - onehot written once) against
-    F.cross_entropy on the float32 logits: value and gradient, rows not a multiple of a chunk."""
+    F.cross_entropy on the float32 logits: value and gradient, rows not a multiple of a chunk, ignored rows (-1:
+    the padding of SFT's scored rows) adding nothing."""
     torch.manual_seed(0)
     logits = (torch.randn(77, 50) * 3).to(dtype).requires_grad_()
     targets = torch.randint(50, (77,))
+    targets[::5] = -1
     ours = training.ChunkedCrossEntropy.apply(logits, targets)
     (ours_grad,) = torch.autograd.grad(ours * 3, logits)
-    torch_loss = F.cross_entropy(logits.float(), targets)
+    torch_loss = F.cross_entropy(logits.float(), targets, ignore_index=-1)
     (torch_grad,) = torch.autograd.grad(torch_loss * 3, logits)
     assert abs(ours.item() - torch_loss.item()) <= 1e-5
     assert ours_grad.dtype == dtype and (ours_grad.float() - torch_grad.float()).abs().max() <= 1e-6
@@ -216,8 +221,8 @@ def test_no_sync_engages_under_compile_and_ddp(monkeypatch):
     try:
         raw = Doge(DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1))
-        model = training.wrap_model(SimpleNamespace(compile=True), SimpleNamespace(world_size=2, device=torch.device("cpu"),
-                                                                                  local_rank=0), raw)
+        run = SimpleNamespace(world_size=2, device=torch.device("cpu"), local_rank=0, dtype="float32")
+        model = training.DDPBackend(run, raw, optimizer=None, compiled=True).model
         assert isinstance(model, DDP) and not model.broadcast_buffers
         all_reduces = []
         def counting_hook(state, bucket):
