@@ -263,7 +263,10 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(layout, tmp_path, corpus
     re-run continues from partial/ -- a row index in a local file, the stream's state_dict() for a dataset read
     in the hub's layout -- and the result equals an uninterrupted run's byte for byte."""
     rows = write_documents(tmp_path / "train.jsonl", corpus, words=300, count=800)
-    patches = "prepare_data.PROGRESS_SECONDS = 0; prepare_data.BATCH_CHARS = 20_000"
+    # a short pause per written batch: on an idle machine the whole preparation would otherwise end before the kill
+    patches = ("prepare_data.PROGRESS_SECONDS = 0; prepare_data.BATCH_CHARS = 20_000; import common, time; "
+               "append = common.ArrayWriter.append; "
+               "common.ArrayWriter.append = lambda self, array: (time.sleep(0.02), append(self, array))[1]")
     if layout == "hub layout":  # a hub name, streamed from a local directory in the hub's layout
         os.makedirs(tmp_path / "hub")
         os.replace(rows, tmp_path / "hub" / "train.jsonl")
