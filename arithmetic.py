@@ -12,7 +12,7 @@ import random
 import tokenizer as tk
 
 
-SPLIT_SIZES = {"test": 200, "sft_val": 200, "dpo_val": 100,  # held out: unique, disjoint from all training
+SPLIT_SIZES = {"test": 500, "sft_val": 200, "dpo_val": 100,  # held out: unique, disjoint from all training
                "sft_train": 5000, "dpo_train": 1500, "grpo_train": 500}
 NAMES = ["Ann", "Ben", "Maya", "Leo", "Sara", "Omar", "Lily", "Tom"]
 ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils", "shells", "cards"]

@@ -4,7 +4,8 @@
 # ($OUT/report.md, report.json, report.png: python report.py --out_dir=$OUT makes it again from the run dirs):
 #   pre-training: held-out val loss            SFT: arithmetic answer accuracy (greedy, exact match)
 #   DPO: held-out preference accuracy, and the answer accuracy of its model (GRPO's step-0 evaluation)
-#   GRPO: answer accuracy and the held-out mean reward, at its start and its end
+#   GRPO: sampled accuracy (the share of right samples at the rollout temperature), greedy accuracy and the
+#         held-out mean reward, at its start and its end
 #
 #   bash run_chain.sh                                 # data under data/, checkpoints under out/
 #   OUT=/tmp/chain DATA=/tmp/data bash run_chain.sh   # elsewhere
@@ -52,8 +53,8 @@ metric "after SFT" "$OUT/sft/log.jsonl" last accuracy
 stage dpo python train_dpo.py config/dpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/sft" --out_dir="$OUT/dpo" "$@" ${DPO_ARGS:-}
 metric "after DPO" "$OUT/dpo/log.jsonl" last val_rewards/accuracies
 stage grpo python train_grpo.py config/grpo_tiny.py --data_dir="$DATA/arithmetic" --init_from="$OUT/dpo" --out_dir="$OUT/grpo" "$@" ${GRPO_ARGS:-}
-metric "after DPO" "$OUT/grpo/log.jsonl" first accuracy reward
-metric "after GRPO" "$OUT/grpo/log.jsonl" last accuracy reward
+metric "after DPO" "$OUT/grpo/log.jsonl" first sampled_accuracy accuracy reward
+metric "after GRPO" "$OUT/grpo/log.jsonl" last sampled_accuracy accuracy reward
 stage sample bash -c "echo 'What is 27 + 58?' | python sample.py --init_from='$OUT/grpo' --chat --temperature=0"
 
 echo

@@ -11,11 +11,14 @@ that beat their group's mean.
     #                     --dpo=none --grpo=numinamath
     #                 python train_grpo.py config/grpo_doge_20m.py --data_dir=data/numinamath
 
-The prompts are data_dir/grpo_train.jsonl ({"messages": [system, user], "answer"} per line); the held-out
-reward and accuracy are measured on data_dir/test.jsonl with greedy decoding.
+The prompts are data_dir/grpo_train.jsonl ({"messages": [system, user], "answer"} per line). The held-out number,
+on data_dir/test.jsonl, is sampled accuracy: the share of completions sampled at the rollout temperature whose
+answer is right. RL with a verifiable reward mostly sharpens a policy (Yue et al. 2025, arXiv 2504.13837): sampled
+accuracy climbs toward greedy accuracy, which moves little, and pass@k at large k stays flat; all three are logged.
 """
 import os
 import re
+import math
 import copy
 import json
 import time
@@ -308,24 +311,43 @@ def check_config(cfg, world_size):
     if cfg.num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
 
+def pass_at_k(right, n, k):
+    """The unbiased pass@k of each problem from n samples of which right[i] are right (Chen et al. 2021, eq. 1):
+    1 - C(n - c, k) / C(n, k), the chance that k of the n samples, drawn without replacement, hold a right one."""
+    return [1.0 - math.comb(n - c, k) / math.comb(n, k) for c in right]
+
 @torch.no_grad()
 def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
-    """Held-out numbers: greedy answer accuracy (what SFT and DPO report), and the mean reward of
-    eval_generations completions per prompt sampled as in training, which is what GRPO maximises. The samples
+    """Held-out numbers and, per problem, what they count: (metrics, {"greedy": [0 | 1], "sampled": [right of the
+    eval_generations], ...}). GRPO's number is sampled accuracy: the share of eval_generations completions per prompt,
+    sampled at the rollout temperature, whose answer is right (correctness only, whatever the reward weights).
+    Also pass@k, greedy accuracy (what SFT and DPO report) and the mean reward (what GRPO maximises). The samples
     come from a fixed seed (the same draws at every evaluation), without disturbing the training RNG."""
     model.eval()
     with run.autocast():
-        accuracy, _ = evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
+        _, greedy_texts = evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
             groups = rollout(model, prompts, cfg.eval_generations, cfg.max_completion_length, cfg.temperature,
                              stop_ids, tok.vocab_size)
     model.train()
     texts = [t for group in groups for t in decode_completions(tok, group, completion_mask(group, stop_ids), stop_ids)]
-    rewards, total = score(texts, [ex["answer"] for ex in examples for _ in range(cfg.eval_generations)],
-                           cfg.reward_weights)
-    return dict(accuracy=accuracy, reward=total.mean().item(),
-                **{f"rewards/{name}": r.mean().item() for name, r in rewards.items()})
+    answers = [ex["answer"] for ex in examples for _ in range(cfg.eval_generations)]
+    rewards, total = score(texts, answers, cfg.reward_weights)
+    greedy = accuracy_reward(greedy_texts, [ex["answer"] for ex in examples])
+    sampled = torch.tensor(accuracy_reward(texts, answers)).view(-1, cfg.eval_generations).sum(dim=1).int().tolist()
+    n, ks = cfg.eval_generations, [k for k in (2, 4, 8, 16, 32, 64) if k <= cfg.eval_generations]
+    metrics = dict(accuracy=float(np.mean(greedy)), sampled_accuracy=sum(sampled) / (n * len(sampled)),
+                   **{f"pass@{k}": float(np.mean(pass_at_k(sampled, n, k))) for k in ks},
+                   reward=total.mean().item(), **{f"rewards/{name}": r.mean().item() for name, r in rewards.items()})
+    return metrics, dict(generations=n, temperature=cfg.temperature, greedy=[int(g) for g in greedy], sampled=sampled)
+
+def log_evaluation(run, cfg, log_path, step, metrics, per_problem):
+    """The evaluation's record in the log, and its per-problem counts in out_dir/eval_<step>.json (report.py's
+    paired bootstrap compares two of them problem by problem)."""
+    training.log_eval(run, log_path, step, metrics, f"eval step {step} | held-out")
+    if run.master:
+        common.write_file(os.path.join(cfg.out_dir, f"eval_{step:07d}.json"), json.dumps(per_problem))
 
 def main(argv=None):
     cfg = common.load_config(DEFAULTS, argv)
@@ -362,8 +384,7 @@ def main(argv=None):
     # train records carry the step's index, evaluations the number of steps done before them
     training.truncate_log(run, log_path, lambda r: r["step"] < start_step or ("loss" not in r and r["step"] == start_step))
     if start_step == 0:  # the starting point every later number is compared with
-        metrics = evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run)
-        training.log_eval(run, log_path, 0, metrics, "eval step 0 | held-out")
+        log_evaluation(run, cfg, log_path, 0, *evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run))
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
             step_start = time.perf_counter()
@@ -444,8 +465,8 @@ def main(argv=None):
                              f"{means['kl']:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                              f"{record['rollout_tokens_per_s']:,.0f} rollout tok/s | {seconds:.2f} s/step")
             if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
-                metrics = evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run)
-                training.log_eval(run, log_path, step + 1, metrics, f"eval step {step + 1} | held-out")
+                log_evaluation(run, cfg, log_path, step + 1,
+                               *evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run))
             if save:
                 backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "grpo",
                                                                start_from=start_from))

@@ -16,6 +16,6 @@ learning_rate = 2e-3  # at 4e-3 the outcome varied from run to run (README: the 
 warmup_ratio = 0.02
 decay_ratio = 0.4  # the digits are found and the answers sharpen mostly while the learning rate decays
 eval_interval = 2400  # accuracy before and after only
-eval_examples = 200
+eval_examples = 500  # the whole held-out set (test.jsonl), as GRPO scores
 log_interval = 25
 ckpt_interval = 2400

@@ -533,7 +533,7 @@ def test_curriculum_answers_are_correct_and_test_is_held_out(digits, ops):
     train |= {(op, b, a) for op, a, b in train if op in "+*"}  # 3+5 and 5+3 are the same problem
     for held_out in ("test", "sft_val", "dpo_val"):
         assert not train & set(problems[held_out])
-    assert len(set(problems["test"])) == 200
+    assert len(set(problems["test"])) == 500
     assert {op for split in problems.values() for op, _, _ in split} == set(ops)
     # operands up to `digits` long, and that long in every operation
     for op in ops:
@@ -570,7 +570,7 @@ def test_wrong_solutions_drop_a_carry_where_there_is_one():
 def test_curriculum_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="use some of"):
         prepare_data.main([f"--out_dir={tmp_path}", "--arithmetic_ops=+/"])
-    with pytest.raises(ValueError, match="too few distinct problems"):  # 45 sums of two digits: not 200 held out
+    with pytest.raises(ValueError, match="too few distinct problems"):  # 45 sums of two digits: not 500 held out
         arithmetic.arithmetic_problems(1337, digits=1, ops="+")
 
 

@@ -2,6 +2,7 @@
 rewards on hand-written completions, a short run on the arithmetic task that raises the held-out reward, exact
 resume, and the whole offline chain (run_chain.sh) at toy sizes."""
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint as ckpt
+import report
 import train_grpo
 import train_sft
 from model import Doge, DogeConfig
@@ -166,6 +168,29 @@ def test_rewards_on_hand_written_completions():
     assert total.tolist() == [1.5, 1.5, 0.5] and rewards["format"].tolist() == [1, 1, 1]
 
 
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_right_sample():
+    for n in (4, 5):
+        for right in range(n + 1):
+            samples = [1] * right + [0] * (n - right)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(samples, k))
+                assert train_grpo.pass_at_k([right], n, k)[0] == pytest.approx(sum(map(any, subsets)) / len(subsets))
+
+
+def test_paired_bootstrap_interval():
+    """A change every problem shares has no spread: the interval is that change. Changes that vary and average
+    zero: an interval around 0 about 2 x 1.96 standard errors wide (the normal approximation)."""
+    assert report.paired_bootstrap([1, 2, 0, 3], [2, 3, 1, 4], generations=4) == pytest.approx([0.25, 0.25])
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(0, 5, (500,), generator=generator)
+    after = (before + torch.tensor([-1, 1] * 250)).clamp(0, 4)
+    change = (after - before).float() / 4
+    low, high = report.paired_bootstrap(before.tolist(), after.tolist(), generations=4)
+    assert low < change.mean().item() < high
+    half_width = 1.96 * change.std().item() / math.sqrt(len(change))
+    assert high - low == pytest.approx(2 * half_width, rel=0.1)
+
+
 def test_log_probs_are_those_of_the_sampling_temperature():
     """Rollouts sample from softmax(z / T): policy, old and reference log-probs are taken from the same."""
     torch.manual_seed(0)
@@ -233,6 +258,14 @@ def test_short_grpo_run_raises_held_out_reward(sft_model):
     assert end["reward"] > start["reward"]
     steps = [r for r in records if "loss" in r]
     assert all(0 <= r["clip_fraction"] <= 1 and r["completion_length"] > 0 for r in steps)
+    # each evaluation's per-problem counts (report.py's bootstrap reads them) add up to its logged numbers
+    for record in (start, end):
+        counts = json.load(open(out_dir / f"eval_{record['step']:07d}.json"))
+        assert (counts["generations"], len(counts["greedy"]), len(counts["sampled"])) == (4, 32, 32)
+        assert record["sampled_accuracy"] == pytest.approx(sum(counts["sampled"]) / (4 * 32))
+        assert record["accuracy"] == pytest.approx(sum(counts["greedy"]) / 32)
+        assert record["pass@4"] == pytest.approx(sum(c > 0 for c in counts["sampled"]) / 32)
+        assert record["sampled_accuracy"] <= record["pass@2"] <= record["pass@4"]
 
 
 def test_truncated_completions_masked_and_the_temperature_ratio(sft_model, tmp_path):
@@ -298,8 +331,8 @@ def test_offline_chain_runs_end_to_end(tmp_path):
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for line in ("== val loss (step 1): val_loss", "== after SFT (step 1): accuracy",
-                 "== after DPO (step 1): val_rewards/accuracies", "== after DPO (step 0): accuracy",
-                 "== after GRPO (step 2): accuracy", "== the chain in"):
+                 "== after DPO (step 1): val_rewards/accuracies", "== after DPO (step 0): sampled_accuracy",
+                 "== after GRPO (step 2): sampled_accuracy", "== the chain in"):
         assert line in result.stdout, line
     assert ckpt.checkpoint_paths(str(tmp_path / "out" / "grpo"))
     # the report: a table row per stage with its time, numbers and a sampled answer; the JSON tools read
@@ -307,14 +340,21 @@ def test_offline_chain_runs_end_to_end(tmp_path):
     assert set(report["seconds"]) == {"prepare", "pretrain", "sft", "dpo", "grpo", "sample", "total"}
     keys = {"pretrain": {"val_loss", "unigram_val_loss"}, "sft": {"accuracy_before", "accuracy_after"},
             "dpo": {"preference_accuracy_before", "preference_accuracy_after", "accuracy_after"},
-            "grpo": {"accuracy_before", "accuracy_after", "reward_before", "reward_after"}}
+            "grpo": {"accuracy_before", "accuracy_after", "reward_before", "reward_after", "sampled_accuracy_before",
+                     "sampled_accuracy_after"}}
     for stage, names in keys.items():
-        assert set(report[stage]) == names and all(isinstance(v, float) for v in report[stage].values())
+        assert names <= set(report[stage]) and all(isinstance(report[stage][k], float) for k in names)
+    grpo = report["grpo"]  # 4 samples of 2 problems: pass@1 (the sampled accuracy), pass@2 and pass@4
+    assert (grpo["problems"], grpo["generations"]) == (2, 4) and set(grpo["pass_at_k_after"]) == {"1", "2", "4"}
+    assert grpo["pass_at_k_before"]["1"] == grpo["sampled_accuracy_before"]
+    low, high = grpo["sampled_accuracy_ci"]
+    assert -1 <= low <= high <= 1
     assert report["dpo"]["preference_accuracy_before"] == 0.0  # policy = reference before DPO: every reward 0
     table = open(tmp_path / "out" / "report.md").read().splitlines()
     rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"stage", "prepare", "pretrain", "sft", "dpo", "grpo", "sample"}
     assert " s |" in rows["sft"] and "->" in rows["sft"] and rows["grpo"].count("|") == 6
+    assert any(line.startswith("What RL did: at temperature") for line in table)
     assert os.path.getsize(tmp_path / "out" / "report.png") > 1000
 
 
