@@ -335,7 +335,7 @@ def test_a_directory_without_tokenizer_names_the_option(doge_tokenizer_dir, tmp_
 MOE = ["--is_moe=True", "--num_experts=64", "--num_experts_per_tok=4"]
 SMALL = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
          "--num_key_value_heads=1", "--batch_size=2", "--seq_len=32", "--batch_tokens=128", "--learning_rate=1e-2",
-         "--dtype=float32", "--device=cpu", "--eval_batches=2", "--log_interval=1"]
+         "--dtype=float32", "--device=cpu", "--eval_batches=8", "--log_interval=1"]
 
 
 def val_losses(out_dir):
