@@ -160,22 +160,18 @@ def read_array(path):
     return np.memmap(str(path), dtype=dtype, mode="r", offset=HEADER_INTS * 4, shape=(count,))
 
 def array_max_value(path):
-    """The largest value an array file holds (0 if empty): from the header, or one pass over a version-1 file."""
+    """The largest value an array file holds (0 if empty): what a training script compares with the model's
+    vocabulary once per token file, from the header (one pass over a version-1 file)."""
     largest = read_header(path)[3]
     if largest is None:
         array = read_array(path)
         largest = int(array.max()) if len(array) else 0
     return largest
 
-def array_max_value(path):
-    """The largest value in an array file (0 for an empty one): what a training script compares with the
-    model's vocabulary once per token file instead of checking the ids of every batch."""
-    array = read_array(path)
-    return int(array.max()) if len(array) else 0
-
 def write_ragged(prefix, examples):
-    """Store variable-length (ids, mask) examples as three flat arrays: tokens, mask, offsets (n+1); returns
-    how many tokens. The examples may be a stream: they are written as they come."""
+    """Store variable-length (ids, mask) examples as flat arrays: tokens, mask, offsets (n+1) and each example's
+    first target (first_targets); returns how many tokens. The examples may be a stream: they are written as
+    they come."""
     writer = RaggedWriter(prefix)
     try:
         for ids, mask in examples:
@@ -194,8 +190,18 @@ def read_ragged(prefix):
                          "re-run prepare_data.py --force")
     return tokens, mask, offsets
 
+def first_targets(prefix):
+    """Per example, the position of its first loss target (mask 1 at a position >= 1; its length if none),
+    recorded when it was written: an example truncated to max_len tokens has a target iff this is < max_len,
+    known for a million examples without reading their masks."""
+    path = f"{prefix}.first_target.bin"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: {prefix} was written by an older prepare_data.py; "
+                                "re-run it with --force")
+    return read_array(path)
+
 class RaggedWriter:
-    """write_ragged's three files, written in chunks (ArrayWriter) as examples come, renamed into place on
+    """write_ragged's four files, written in chunks (ArrayWriter) as examples come, renamed into place on
     close()."""
 
     def __init__(self, prefix):
@@ -203,22 +209,55 @@ class RaggedWriter:
         self.tokens = ArrayWriter(f"{prefix}.tokens.bin", f"{prefix}.tokens.bin{tmp}", np.uint16)
         self.mask = ArrayWriter(f"{prefix}.mask.bin", f"{prefix}.mask.bin{tmp}", np.uint8)
         self.offsets = ArrayWriter(f"{prefix}.offsets.bin", f"{prefix}.offsets.bin{tmp}", np.int64)
+        self.first_target = ArrayWriter(f"{prefix}.first_target.bin", f"{prefix}.first_target.bin{tmp}", np.int64)
         self.offsets.append([0])
+
+    def writers(self):
+        return self.tokens, self.mask, self.offsets, self.first_target
 
     def append(self, ids, mask):
         assert len(ids) == len(mask)
         self.tokens.append(ids)
         self.mask.append(mask)
         self.offsets.append([self.tokens.count])
+        targets = np.flatnonzero(np.asarray(mask[1:])) + 1
+        self.first_target.append([targets[0] if len(targets) else len(mask)])
 
     def close(self):
-        for writer in (self.tokens, self.mask, self.offsets):
+        for writer in self.writers():
             writer.close()
 
     def discard(self):
         """Remove what an unfinished writer left (nothing once closed)."""
-        for writer in (self.tokens, self.mask, self.offsets):
+        for writer in self.writers():
             writer.discard()
+
+def jsonl_index_path(path):
+    return f"{path[:-len('.jsonl')]}.lines.bin"
+
+class JsonlRows:
+    """The rows of a .jsonl file that prepare_data.py wrote, read one at a time by index: opening it reads the
+    line index (<name>.lines.bin), never the rows, so a million prompts open as fast as ten."""
+
+    def __init__(self, path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: run `python prepare_data.py` first")
+        if not os.path.exists(jsonl_index_path(path)):
+            raise FileNotFoundError(f"{jsonl_index_path(path)} does not exist: {path} was written by an older "
+                                    "prepare_data.py; re-run it with --force")
+        self.path, self.starts = path, read_array(jsonl_index_path(path))
+        if self.starts[-1] != os.path.getsize(path):
+            raise ValueError(f"{path} does not match its line index (truncated or edited): re-run prepare_data.py --force")
+        self.file = open(path, "rb")
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        self.file.seek(int(self.starts[i]))
+        return json.loads(self.file.read(int(self.starts[i + 1] - self.starts[i])))
 
 # -----------------------------------------------------------------------------
 # dataset rows: a local .jsonl / .parquet file, or a hub dataset (offline, a one-line error in seconds)

@@ -51,11 +51,25 @@ def pad_examples(examples, pad_id):
         mask[row, :len(example_mask)] = example_mask
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
-def target_counts(ragged, max_len):
-    """Per example, how many loss tokens it has after truncation to max_len (position 0 is never a target)."""
+def target_counts(ragged, indices, max_len):
+    """How many loss tokens each of these examples has after truncation to max_len (position 0 is never a
+    target): counted for the examples a batch holds, never for the whole set."""
     _, mask, offsets = ragged
-    ends = np.minimum(offsets[1:], offsets[:-1] + max_len)
-    return np.array([int(mask[start + 1:end].sum()) for start, end in zip(offsets[:-1], ends)], dtype=np.int64)
+    return np.array([int(mask[offsets[i] + 1:min(offsets[i + 1], offsets[i] + max_len)].sum()) for i in indices],
+                    dtype=np.int64)
+
+def usable_examples(prefixes, max_len):
+    """Indices of the examples with a loss token within their first max_len tokens (on every side of a DPO pair):
+    the others teach nothing. From the first targets prepare_data.py recorded, not a pass over the masks."""
+    usable = np.ones(len(common.first_targets(prefixes[0])), dtype=bool)
+    for prefix in prefixes:
+        usable &= np.asarray(common.first_targets(prefix)) < max_len
+    return np.flatnonzero(usable)
+
+def length_sample(n, size=10_000):
+    """At most `size` indices spread evenly over range(n): what the start-up statistics (mean length, the
+    scored share of FLOPs) are measured on, so a million examples cost as much as ten thousand."""
+    return np.unique(np.linspace(0, n - 1, min(n, size)).astype(np.int64))
 
 # the scored rows are padded to a multiple of this: the head's input has one of few shapes, whatever the batch
 SCORED_BUCKET = 64

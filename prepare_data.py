@@ -474,26 +474,33 @@ def render_in_worker(stage_and_batch):
 
 
 class JsonlWriter:
-    """Rows to a .jsonl file as they come, renamed into place on close()."""
+    """Rows to a .jsonl file as they come, and where each line starts (common.JsonlRows reads row i without
+    the rows before it), both renamed into place on close()."""
 
     def __init__(self, path):
         self.path, self.partial = path, f"{path}.tmp{os.getpid()}"
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(self.partial, "w")
+        self.file = open(self.partial, "wb")
+        self.lines = common.ArrayWriter(common.jsonl_index_path(path), f"{common.jsonl_index_path(path)}.tmp{os.getpid()}",
+                                        np.int64)
+        self.lines.append([0])
 
     def append(self, row):
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write((json.dumps(row) + "\n").encode())
+        self.lines.append([self.file.tell()])
 
     def close(self):
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.partial, self.path)
+        self.lines.close()
 
     def discard(self):
         self.file.close()
         if os.path.exists(self.partial):
             os.remove(self.partial)
+        self.lines.discard()
 
 
 def render_pair(tok, prompt, chosen, rejected):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 import common
 import training
 import checkpoint as ckpt
-from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, check_data,
+from post_training import (step_indices, micro_batch, get_examples, pad_examples, usable_examples, check_data,
                            steps_per_run, examples_per_micro_step, load_policy, token_logprobs)
 
 DEFAULTS = dict(
@@ -186,10 +186,9 @@ def main(argv=None):
     reference.eval().requires_grad_(False)
 
     # a pair whose reply is cut away entirely by seq_len has log-prob 0 on both sides: no signal, leave it out
-    def usable_pairs(chosen_set, rejected_set):
-        return np.flatnonzero((target_counts(chosen_set, cfg.seq_len) > 0) & (target_counts(rejected_set, cfg.seq_len) > 0))
-    usable = usable_pairs(train_chosen, train_rejected)
-    val_usable = usable_pairs(val_chosen, val_rejected)[:cfg.eval_examples]
+    sides = lambda split: [os.path.join(cfg.data_dir, f"dpo_{split}.{side}") for side in ("chosen", "rejected")]
+    usable = usable_examples(sides("train"), cfg.seq_len)
+    val_usable = usable_examples(sides("val"), cfg.seq_len)[:cfg.eval_examples]
     if len(usable) == 0 or len(val_usable) == 0:
         raise ValueError(f"no pair in {cfg.data_dir} has a reply within seq_len={cfg.seq_len}")
     examples_per_step, grad_accum = examples_per_micro_step(cfg, run.world_size)

@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 import common
 import training
-from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, check_data,
-                           steps_per_run, examples_per_micro_step, load_policy, evaluate_accuracy, scored_positions)
+from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, usable_examples,
+                           length_sample, check_data, steps_per_run, examples_per_micro_step, load_policy, evaluate_accuracy, scored_positions)
 
 DEFAULTS = dict(
     # I/O
@@ -70,8 +70,8 @@ def evaluate(model, tok, val_set, val_usable, val_counts, test_examples, pad_id,
         chunk = val_usable[first:first + cfg.batch_size]
         x, y, scored = sft_batch(val_set, chunk, cfg.seq_len, pad_id, run.device)
         with run.autocast():
-            loss_sum += model(x, y, scored=scored)[1] * float(val_counts[chunk].sum())
-    metrics = dict(val_loss=loss_sum.item() / float(val_counts[val_usable].sum()))
+            loss_sum += model(x, y, scored=scored)[1] * float(val_counts[first:first + cfg.batch_size].sum())
+    metrics = dict(val_loss=loss_sum.item() / float(val_counts.sum()))
     if test_examples:
         with run.autocast():
             metrics["accuracy"], completions = evaluate_accuracy(model, tok, test_examples, cfg.max_new_tokens)
@@ -94,23 +94,23 @@ def main(argv=None):
     test_examples = read_jsonl(test_path, cfg.eval_examples) if os.path.exists(test_path) else []
 
     # examples whose loss tokens all fall beyond seq_len teach nothing: leave them out
-    train_counts = target_counts(train_set, cfg.seq_len)
-    usable = np.flatnonzero(train_counts > 0)
-    val_counts = target_counts(val_set, cfg.seq_len)
-    val_usable = np.flatnonzero(val_counts > 0)[:cfg.eval_examples]
+    usable = usable_examples([os.path.join(cfg.data_dir, "sft_train")], cfg.seq_len)
+    val_usable = usable_examples([os.path.join(cfg.data_dir, "sft_val")], cfg.seq_len)[:cfg.eval_examples]
     if len(usable) == 0 or len(val_usable) == 0:
         raise ValueError(f"no conversation in {cfg.data_dir} has an assistant token within seq_len={cfg.seq_len}")
+    val_counts = target_counts(val_set, val_usable, cfg.seq_len)
     examples_per_step, grad_accum = examples_per_micro_step(cfg, run.world_size)
     cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
-    lengths = np.minimum(np.diff(train_set[2]), cfg.seq_len)[usable]
-    tokens_per_step = int(lengths.mean() * examples_per_step)
-    scored_share = train_counts[usable].mean() / lengths.mean()  # the share of tokens that pass the output head
-    flops_per_step = model.flops_per_token(lengths.mean(), scored_share) * tokens_per_step
+    lengths = np.minimum(np.diff(train_set[2]), cfg.seq_len)
+    tokens_per_step = int(lengths[usable].mean() * examples_per_step)
+    sample = usable[length_sample(len(usable))]  # the share of tokens that pass the output head, on a sample
+    scored_share = target_counts(train_set, sample, cfg.seq_len).mean() / lengths[sample].mean()
+    flops_per_step = model.flops_per_token(lengths[usable].mean(), scored_share) * tokens_per_step
     pad_id = tok.eos_id  # any id: pads are never targets and come after every real token
     if run.master:
         truncated = int((np.diff(train_set[2]) > cfg.seq_len).sum())
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(usable):,} conversations "
-              f"({truncated:,} truncated to seq_len={cfg.seq_len}, {len(train_counts) - len(usable):,} left out: "
+              f"({truncated:,} truncated to seq_len={cfg.seq_len}, {len(train_set[2]) - 1 - len(usable):,} left out: "
               f"no assistant token left) | {cfg.max_steps} steps of {examples_per_step} = {cfg.batch_size} x "
               f"{run.world_size} processes x {grad_accum} accumulation = {cfg.max_steps * examples_per_step / len(usable):.2f} "
               f"epochs | {run.device} {run.dtype}")
@@ -121,8 +121,10 @@ def main(argv=None):
         batch, so a micro-batch's mean counts by its share of those tokens (one of short answers must not count as
         much as one of long answers), times the processes, whose gradients DDP averages. Counted on the host."""
         indices = usable[step_indices(cfg.seed, step, examples_per_step, len(usable))]
+        counts = target_counts(train_set, indices, cfg.seq_len)
         mine = micro_batch(indices, micro_step, run.rank, run.world_size, cfg.batch_size)
-        weight = float(train_counts[mine].sum() / train_counts[indices].sum()) * run.world_size
+        weight = float(micro_batch(counts, micro_step, run.rank, run.world_size, cfg.batch_size).sum() / counts.sum())
+        weight *= run.world_size
         return (*sft_batch(train_set, mine, cfg.seq_len, pad_id, run.device), weight)
 
     def evaluate_now(model):

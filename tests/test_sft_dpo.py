@@ -130,7 +130,8 @@ def test_sft_batch_right_pads_and_targets_only_masked_tokens():
     assert x.tolist() == [[10, 11, 12], [5, 6, 7]]  # truncated to 4, right-padded, shifted
     assert y.tolist() == [[11, 12, -1], [-1, 7, 8]]  # y[t] = x[t+1] where the mask is 1
     assert scored.tolist() == [0, 1, 4, 5, 2, 2]  # the scored positions, padded with an ignored one to 6 (B x T)
-    assert post_training.target_counts(data, 4).tolist() == [2, 2]
+    assert post_training.target_counts(data, [0, 1], 4).tolist() == [2, 2]
+    assert post_training.target_counts(data, [1], 2).tolist() == [1]
 
 
 def test_data_order_is_a_pure_function_of_seed_and_step_and_epochs_reshuffle():
