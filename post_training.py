@@ -66,6 +66,11 @@ def usable_examples(prefixes, max_len):
         usable &= np.asarray(common.first_targets(prefix)) < max_len
     return np.flatnonzero(usable)
 
+def example_lengths(ragged, indices, max_len):
+    """The lengths of these examples after truncation to max_len."""
+    offsets = ragged[2]
+    return np.minimum(offsets[indices + 1] - offsets[indices], max_len)
+
 def length_sample(n, size=10_000):
     """At most `size` indices spread evenly over range(n): what the start-up statistics (mean length, the
     scored share of FLOPs) are measured on, so a million examples cost as much as ten thousand."""

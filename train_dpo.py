@@ -24,8 +24,9 @@ from tqdm import tqdm
 import common
 import training
 import checkpoint as ckpt
-from post_training import (step_indices, micro_batch, get_examples, pad_examples, usable_examples, check_data,
-                           steps_per_run, examples_per_micro_step, load_policy, token_logprobs)
+from post_training import (step_indices, micro_batch, get_examples, pad_examples, usable_examples, example_lengths,
+                           length_sample, check_data, steps_per_run, examples_per_micro_step, load_policy,
+                           token_logprobs)
 
 DEFAULTS = dict(
     # I/O
@@ -193,9 +194,10 @@ def main(argv=None):
         raise ValueError(f"no pair in {cfg.data_dir} has a reply within seq_len={cfg.seq_len}")
     examples_per_step, grad_accum = examples_per_micro_step(cfg, run.world_size)
     cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
-    lengths = np.minimum(np.diff(train_chosen[2]), cfg.seq_len) + np.minimum(np.diff(train_rejected[2]), cfg.seq_len)
-    tokens_per_step = int(lengths[usable].mean() * examples_per_step)
-    flops_per_step = model.flops_per_token(lengths[usable].mean() / 2) * tokens_per_step  # the policy's passes
+    sample = usable[length_sample(len(usable))]  # the pairs' mean length, measured on a sample of them
+    lengths = example_lengths(train_chosen, sample, cfg.seq_len) + example_lengths(train_rejected, sample, cfg.seq_len)
+    tokens_per_step = int(lengths.mean() * examples_per_step)
+    flops_per_step = model.flops_per_token(lengths.mean() / 2) * tokens_per_step  # the policy's passes
     pad_id = tok.eos_id
     if run.master:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(usable):,} pairs | "

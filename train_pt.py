@@ -45,6 +45,7 @@ DEFAULTS = dict(
     # system
     seed=1337, device="auto", dtype="auto", backend="ddp", zero_stage=2,
     compile="auto",  # auto | True | False: auto compiles where it is faster (training.resolve_compile)
+    dry_run=False,  # True: print what the run will take (tokens, FLOPs, memory, time) and train nothing
 )
 
 # -----------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def get_batch(data, starts, seq_len, device):
     rows = torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64))
     return training.to_device(rows[:, :-1], device), training.to_device(rows[:, 1:], device)
 
-def spread_sample(data, tokens=2 ** 24, pieces=256):
+def spread_sample(data, tokens=2 ** 22, pieces=64):
     """The whole array if it holds at most `tokens`, else `pieces` contiguous runs spread evenly over it, `tokens`
     in all: a sample whose cost does not grow with the file (a recipe's train.bin holds billions)."""
     if len(data) <= tokens:
@@ -156,9 +157,11 @@ def main(argv=None):
         first = (micro_step * run.world_size + run.rank) * cfg.batch_size
         return get_batch(train_data, starts[first:first + cfg.batch_size], cfg.seq_len, run.device)
 
+    flops_per_step = model.flops_per_token(cfg.seq_len) * cfg.batch_tokens
+    if cfg.dry_run:
+        return training.dry_run(cfg, run, model, len(train_data), flops_per_step)
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
     backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
-    flops_per_step = model.flops_per_token(cfg.seq_len) * cfg.batch_tokens
     peak_flops = common.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)

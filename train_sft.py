@@ -23,7 +23,7 @@ import torch.distributed as dist
 import common
 import training
 from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, usable_examples,
-                           length_sample, check_data, steps_per_run, examples_per_micro_step, load_policy, evaluate_accuracy, scored_positions)
+                           example_lengths, length_sample, check_data, steps_per_run, examples_per_micro_step, load_policy, evaluate_accuracy, scored_positions)
 
 DEFAULTS = dict(
     # I/O
@@ -101,16 +101,17 @@ def main(argv=None):
     val_counts = target_counts(val_set, val_usable, cfg.seq_len)
     examples_per_step, grad_accum = examples_per_micro_step(cfg, run.world_size)
     cfg.max_steps = steps_per_run(cfg, len(usable), examples_per_step)
-    lengths = np.minimum(np.diff(train_set[2]), cfg.seq_len)
-    tokens_per_step = int(lengths[usable].mean() * examples_per_step)
-    sample = usable[length_sample(len(usable))]  # the share of tokens that pass the output head, on a sample
-    scored_share = target_counts(train_set, sample, cfg.seq_len).mean() / lengths[sample].mean()
-    flops_per_step = model.flops_per_token(lengths[usable].mean(), scored_share) * tokens_per_step
+    # the step's tokens and the share of them that pass the output head, measured on a sample of the examples
+    sample = usable[length_sample(len(usable))]
+    lengths = example_lengths(train_set, sample, cfg.seq_len)
+    tokens_per_step = int(lengths.mean() * examples_per_step)
+    scored_share = target_counts(train_set, sample, cfg.seq_len).mean() / lengths.mean()
+    flops_per_step = model.flops_per_token(lengths.mean(), scored_share) * tokens_per_step
     pad_id = tok.eos_id  # any id: pads are never targets and come after every real token
     if run.master:
-        truncated = int((np.diff(train_set[2]) > cfg.seq_len).sum())
+        truncated = (example_lengths(train_set, sample, cfg.seq_len + 1) > cfg.seq_len).mean()  # of the sample
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {len(usable):,} conversations "
-              f"({truncated:,} truncated to seq_len={cfg.seq_len}, {len(train_set[2]) - 1 - len(usable):,} left out: "
+              f"({truncated:.1%} truncated to seq_len={cfg.seq_len}, {len(train_set[2]) - 1 - len(usable):,} left out: "
               f"no assistant token left) | {cfg.max_steps} steps of {examples_per_step} = {cfg.batch_size} x "
               f"{run.world_size} processes x {grad_accum} accumulation = {cfg.max_steps * examples_per_step / len(usable):.2f} "
               f"epochs | {run.device} {run.dtype}")

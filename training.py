@@ -292,3 +292,58 @@ def plot_losses(log_path, png_path):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
     print(f"loss curve: {png_path}")
+
+# -----------------------------------------------------------------------------
+# what a run will cost, before it starts (--dry_run=True)
+
+# dense bf16 tensor-core peaks from the datasheets, for the time a run would take at a stated MFU
+GPU_PEAK_TFLOPS = {"H100 SXM": 989, "A100": 312}
+STATED_MFU = 0.4
+
+def activation_bytes(model_config, batch_size, seq_len, dtype):
+    """Bytes the autograd graph keeps for the backward of one micro-batch: every tensor saved for backward,
+    counted once per storage, parameters excepted. Measured by running the forward on the meta device (no
+    memory, no compute) with the model cast to the run's dtype; autocast keeps a few of them in float32."""
+    from model import Doge
+    with torch.device("meta"):
+        model = Doge(model_config).to(getattr(torch, dtype))
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved = {}
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in params:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+    x = torch.zeros(batch_size, seq_len, dtype=torch.long, device="meta")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(x, x)
+    return sum(saved.values())
+
+def dry_run(cfg, run, model, train_tokens, flops_per_step):
+    """Print what the run will take (tokens, epochs, parameters, FLOPs, memory per process, time) and train
+    nothing. Memory: float32 weights and gradients, AdamW's two moments, and the activations of one micro-batch
+    in the dtype a GPU run gets (bf16 under dtype=auto); ZeRO divides what its stage shards by the processes."""
+    n_params = sum(p.numel() for p in model.parameters())
+    dtype = "bfloat16" if cfg.dtype == "auto" else run.dtype
+    tokens = cfg.max_steps * cfg.batch_tokens
+    shards = dict(optimizer=1, gradients=2, weights=3)  # the ZeRO stage from which each is sharded
+    sharded = lambda what: run.world_size if cfg.backend == "deepspeed" and cfg.zero_stage >= shards[what] else 1
+    memory = dict(weights=4 * n_params / sharded("weights"), gradients=4 * n_params / sharded("gradients"),
+                  optimizer=8 * n_params / sharded("optimizer"),
+                  activations=activation_bytes(model.config, cfg.batch_size, cfg.seq_len, dtype))
+    gb = lambda n: f"{n / 1e9:.2f} GB"
+    print(f"dry run: nothing is trained\n"
+          f"  data      {train_tokens:,} train tokens | {cfg.max_steps:,} steps x {cfg.batch_tokens:,} tokens = "
+          f"{tokens / 1e9:.2f}B tokens = {tokens / train_tokens:.2f} epochs\n"
+          f"  model     {n_params / 1e6:.2f}M parameters | {flops_per_step:.3g} FLOPs per step, "
+          f"{flops_per_step * cfg.max_steps:.3g} in all\n"
+          f"  memory    per process ({run.world_size} x {cfg.backend}"
+          f"{f' ZeRO-{cfg.zero_stage}' if cfg.backend == 'deepspeed' else ''}): "
+          + ", ".join(f"{k} {gb(v)}" for k, v in memory.items())
+          + f" (a micro-batch of {cfg.batch_size} x {cfg.seq_len} in {dtype}) = {gb(sum(memory.values()))}")
+    seconds = lambda peak: flops_per_step * cfg.max_steps / (STATED_MFU * peak * run.world_size)
+    times = [f"{name} ({tflops} TFLOP/s) {seconds(tflops * 1e12) / 3600:.2f} h" for name, tflops in GPU_PEAK_TFLOPS.items()]
+    peak = common.measure_peak_flops(run.device, run.dtype)
+    times.append(f"this {run.device.type} ({peak / 1e12:.3f} TFLOP/s measured, {run.dtype}) {seconds(peak) / 3600:.1f} h")
+    print(f"  time      at {STATED_MFU:.0%} MFU on {run.world_size} of each: " + "; ".join(times))
+    return memory
