@@ -236,7 +236,7 @@ def test_interrupted_run_leaves_no_partial_file(corpus, tmp_path, monkeypatch):
     prepare_data.main(args + [f"--out_dir={tmp_path}/run"])
     prepare_data.main(args + [f"--out_dir={tmp_path}/clean"])
     clean = sorted((tmp_path / "clean").rglob("*.bin"))
-    assert len(clean) == 20
+    assert len(clean) == 28
     for path in clean:
         assert path.read_bytes() == (tmp_path / "run" / path.relative_to(tmp_path / "clean")).read_bytes()
 
