@@ -262,7 +262,7 @@ def write_pretraining(tok, args, settings, pre_dir, partial, progress):
                     break
                 if time.time() - saved > PROGRESS_SECONDS:  # a batch boundary: every document before is written
                     state.update(position=after, train=writers["train"].sync(), val=writers["val"].sync())
-                    common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
+                    save_progress(partial, state)
                     saved = time.time()
             bar.close()
         if not state["tokens"]:
@@ -280,10 +280,8 @@ def write_pretraining(tok, args, settings, pre_dir, partial, progress):
         for writer in writers.values():
             writer.finish()  # headers written: the files are complete, only their renaming remains
         state.update(finished=True, **{split: {"count": w.count, "max": w.max} for split, w in writers.items()})
-        common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
-    for final, unfinished in paths.values():
-        if os.path.exists(unfinished):
-            os.replace(unfinished, final)
+        save_progress(partial, state)
+    move_into_place(paths.values())
     return {"train": state["train"]["count"], "val": state["val"]["count"]}, state["source"]
 
 
@@ -516,6 +514,11 @@ def render_pair(tok, prompt, chosen, rejected):
 # -----------------------------------------------------------------------------
 # writing
 
+def save_progress(partial, state):
+    """state, which holds the settings, as partial/progress.json (atomically: a kill leaves the last one whole)."""
+    common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
+
+
 def saved_progress(partial, settings):
     """The progress an unfinished run saved in partial/, or None; a one-line error if it ran with other settings."""
     path = os.path.join(partial, "progress.json")
@@ -527,6 +530,14 @@ def saved_progress(partial, settings):
         raise ValueError(f"{partial} holds an unfinished run with other settings ({progress['settings']}): run "
                          "again with those to finish it, or pass --force=True to start over")
     return progress
+
+
+def move_into_place(paths):
+    """Rename each complete (final, unfinished) file to its final name; one renamed already is passed over, so a
+    run killed half-way through the renaming finishes it."""
+    for final, unfinished in paths:
+        if os.path.exists(unfinished):
+            os.replace(unfinished, final)
 
 
 def already_done(data_dir, settings, force):
