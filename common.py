@@ -172,7 +172,7 @@ def write_ragged(prefix, examples):
     """Store variable-length (ids, mask) examples as flat arrays: tokens, mask, offsets (n+1) and each example's
     first target (first_targets); returns how many tokens. The examples may be a stream: they are written as
     they come."""
-    writer = RaggedWriter(prefix)
+    writer = RaggedWriter(prefix, f"{prefix}.tmp{os.getpid()}")
     try:
         for ids, mask in examples:
             writer.append(ids, mask)
@@ -200,20 +200,26 @@ def first_targets(prefix):
                                 "re-run it with --force")
     return read_array(path)
 
-class RaggedWriter:
-    """write_ragged's four files, written in chunks (ArrayWriter) as examples come, renamed into place on
-    close()."""
+RAGGED_DTYPES = {"tokens": np.uint16, "mask": np.uint8, "offsets": np.int64, "first_target": np.int64}
 
-    def __init__(self, prefix):
-        tmp = f".tmp{os.getpid()}"
-        self.tokens = ArrayWriter(f"{prefix}.tokens.bin", f"{prefix}.tokens.bin{tmp}", np.uint16)
-        self.mask = ArrayWriter(f"{prefix}.mask.bin", f"{prefix}.mask.bin{tmp}", np.uint8)
-        self.offsets = ArrayWriter(f"{prefix}.offsets.bin", f"{prefix}.offsets.bin{tmp}", np.int64)
-        self.first_target = ArrayWriter(f"{prefix}.first_target.bin", f"{prefix}.first_target.bin{tmp}", np.int64)
-        self.offsets.append([0])
+class RaggedWriter:
+    """write_ragged's four files, written in chunks (ArrayWriter) as examples come, into <partial>.tokens.bin
+    etc. until close() renames them into place; a later RaggedWriter(prefix, partial, resume=sync()'s state)
+    continues exactly where that state was taken."""
+
+    def __init__(self, prefix, partial, resume=None):
+        self.tokens, self.mask, self.offsets, self.first_target = (
+            ArrayWriter(f"{prefix}.{name}.bin", f"{partial}.{name}.bin", dtype, resume=resume and resume[name])
+            for name, dtype in RAGGED_DTYPES.items())
+        if not resume:
+            self.offsets.append([0])
 
     def writers(self):
         return self.tokens, self.mask, self.offsets, self.first_target
+
+    def paths(self):
+        """The final paths of its files."""
+        return [writer.path for writer in self.writers()]
 
     def append(self, ids, mask):
         assert len(ids) == len(mask)
@@ -222,6 +228,15 @@ class RaggedWriter:
         self.offsets.append([self.tokens.count])
         targets = np.flatnonzero(np.asarray(mask[1:])) + 1
         self.first_target.append([targets[0] if len(targets) else len(mask)])
+
+    def sync(self):
+        """Flush the four files to disk; returns the state to resume from."""
+        return {name: writer.sync() for name, writer in zip(RAGGED_DTYPES, self.writers())}
+
+    def finish(self):
+        """Write the headers: the files are complete, under their unfinished names."""
+        for writer in self.writers():
+            writer.finish()
 
     def close(self):
         for writer in self.writers():

@@ -14,7 +14,7 @@ to <out_dir>/<sources joined by +>/ (data/arithmetic/ by default): sft_{train,va
 rejected}.* (ragged token/mask/offset arrays), grpo_train.jsonl and test.jsonl. A directory whose meta.json
 exists is done: re-running skips it unless --force=True; meta.json is written last, every file atomically.
 Worker processes (--workers, one per core) encode, the main process writes in order, so memory stays flat in
-the token count; an unfinished pre-training set resumes from <out_dir>/<dataset>/partial/ when run again.
+the token count; an unfinished set, pre- or post-training, resumes from its directory's partial/ when run again.
 
     python prepare_data.py --bench --tokenizer=data/shakespeare --max_tokens=500_000_000   # tokens/s, peak RSS
 """
@@ -107,14 +107,16 @@ def hub_stream(name, path, config_name, split, flag, state=None):
         f"--{flag}=path/to/file.jsonl or .parquet"))
 
 
-def rows(source, hub_table, flag):
-    """Rows of a local file or of a hub dataset given by short name (hub_table) or hub id."""
+def source_rows(source, hub_table, flag, start=None):
+    """(rows, position) of a local file or of a hub dataset given by short name (hub_table) or hub id, from
+    `start` (None: the beginning); position() is where the rows are after those yielded (a row count, or the
+    stream's state), which a later call continues from."""
     if is_local_file(source):
-        return common.local_rows(source)
+        return counted(common.local_rows(source, start or 0), start or 0, skipped=True)
     if source in hub_table:
-        return hub_stream(source, *hub_table[source][:3], flag)[0]
+        return hub_stream(source, *hub_table[source][:3], flag, start)
     if source.count("/") == 1:
-        return hub_stream(source, source, None, "train", flag)[0]
+        return hub_stream(source, source, None, "train", flag, start)
     raise ValueError(f"--{flag}={source} is neither a file nor a known name ({', '.join(hub_table)}) "
                      "nor a hub id owner/name")
 
@@ -262,7 +264,7 @@ def write_pretraining(tok, args, settings, pre_dir, partial, progress):
                     break
                 if time.time() - saved > PROGRESS_SECONDS:  # a batch boundary: every document before is written
                     state.update(position=after, train=writers["train"].sync(), val=writers["val"].sync())
-                    common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
+                    save_progress(partial, state)
                     saved = time.time()
             bar.close()
         if not state["tokens"]:
@@ -280,10 +282,8 @@ def write_pretraining(tok, args, settings, pre_dir, partial, progress):
         for writer in writers.values():
             writer.finish()  # headers written: the files are complete, only their renaming remains
         state.update(finished=True, **{split: {"count": w.count, "max": w.max} for split, w in writers.items()})
-        common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
-    for final, unfinished in paths.values():
-        if os.path.exists(unfinished):
-            os.replace(unfinished, final)
+        save_progress(partial, state)
+    move_into_place(paths.values())
     return {"train": state["train"]["count"], "val": state["val"]["count"]}, state["source"]
 
 
@@ -392,32 +392,42 @@ def last_boxed(text):
     return None
 
 
-def post_training_sources(args, curriculum):
-    """{stage: iterator of (set name, example)} for every source that is not none, each example in the shape
-    the curriculum has; the held-out set gets every VAL_EVERY-th. A hub source is opened here (offline, an
-    error at once), its rows read only as they are used."""
-    convert = {"sft": sft_example, "dpo": dpo_example, "grpo": grpo_example}
+def post_training_sources(args, curriculum, starts=None):
+    """{stage: (examples, position)} for every source that is not none: an iterator of (set name, example), each
+    example in the shape the curriculum has, the held-out set getting every VAL_EVERY-th, from starts[stage]
+    (absent: the beginning); and position(), where the stage's source is after the examples yielded (a JSON
+    value), which a resumed run starts from. A hub source is opened here (offline, an error at once), its rows
+    read only as they are used."""
+    starts = starts or {}
     sources = {}
     for stage, source in (("sft", args.sft), ("dpo", args.dpo), ("grpo", args.grpo)):
-        if source == "arithmetic":
+        if source == "arithmetic":  # the curriculum is made whole from the seed: a resumed run skips its start
             sets = [name for name in curriculum if name.startswith(stage) or name == HELD_OUT[stage]]
-            sources[stage] = ((name, example) for name in sets for example in curriculum[name])
+            sources[stage] = counted(((name, example) for name in sets for example in curriculum[name]),
+                                     starts.get(stage) or 0)
         elif source != "none":
-            sources[stage] = split_examples(rows(source, POSTTRAINING_HUB, stage), convert[stage], source, stage,
-                                            args.max_examples)
+            sources[stage] = split_examples(source, stage, args.max_examples, starts.get(stage))
     return sources
 
 
-def split_examples(rows_, convert, source, stage, max_examples):
-    """(set name, example) for the first max_examples usable examples, every VAL_EVERY-th held out."""
+def split_examples(source, stage, max_examples, start=None):
+    """(examples, position): (set name, example) for the first max_examples usable examples of the source's
+    rows, every VAL_EVERY-th held out, from `start`; position() is {"rows": where the rows are, "examples": how
+    many examples have been yielded} (a source's rows may be unusable: a GRPO solution without an answer)."""
+    start = start or {"rows": None, "examples": 0}
+    rows_, rows_position = source_rows(source, POSTTRAINING_HUB, stage, start["rows"])
+    convert = {"sft": sft_example, "dpo": dpo_example, "grpo": grpo_example}[stage]
     usable = (example for example in (convert(row, source) for row in rows_) if example is not None)
-    for n, example in enumerate(itertools.islice(usable, max_examples)):
-        yield (HELD_OUT[stage] if n % VAL_EVERY == VAL_EVERY - 1 else f"{stage}_train"), example
+    first = start["examples"]
+    named = (((HELD_OUT[stage] if n % VAL_EVERY == VAL_EVERY - 1 else f"{stage}_train"), example)
+             for n, example in enumerate(itertools.islice(usable, max_examples - first), first))
+    examples, examples_position = counted(named, first, skipped=True)
+    return examples, lambda: {"rows": rows_position(), "examples": examples_position()}
 
 
 def example_texts(sources):
     """All text in the post-training sets, roles included (what sentencepiece also trains on)."""
-    for stage, examples in sources.items():
+    for stage, (examples, _) in sources.items():
         for _, example in examples:
             if stage == "dpo":
                 prompt, chosen, rejected = example
@@ -426,81 +436,128 @@ def example_texts(sources):
                 yield f"{message['role']}\n{message['content']}"
 
 
-def write_post_training(tok, args, post_dir, sources):
+def write_post_training(tok, args, settings, post_dir, partial, progress, curriculum):
     """Every set of every stage, its examples rendered with the chat template on the workers (in order) and
-    written as they come: SFT conversations and DPO pairs as ragged token/mask arrays, GRPO prompts as jsonl.
-    Returns ({set: examples}, {set: tokens})."""
-    example_counts, token_counts = collections.Counter(), collections.Counter()
+    written into partial/ as they come: SFT conversations and DPO pairs as ragged token/mask arrays, GRPO prompts
+    as jsonl. The progress is saved there every PROGRESS_SECONDS and after each stage; a run given that progress
+    skips the finished stages and continues the unfinished one. Returns ({set: examples}, {set: tokens})."""
+    # per stage begun: where its source is, its sets' example and token counts, their writers' sync() states, and
+    # once the stage is finished the names of its files (None until then)
+    state = progress or {"settings": settings, "stages": {}}
+    # the pool first: its processes fork before a hub stream starts threads of its own
     with multiprocessing.Pool(args.workers, initializer=start_worker, initargs=(tok.state(),)) as pool:
-        for stage, examples in tqdm(sources.items(), desc="post-training sets"):
-            writers = {}  # set name -> its files' writers
-            try:
-                batches = ((stage, batch) for batch in iter(lambda: list(itertools.islice(examples, 64)), []))
-                for batch, rendered in in_order(pool, render_in_worker, batches, IN_FLIGHT * args.workers):
-                    for (name, example), result in zip(batch, rendered):
-                        if name not in writers:
-                            prefix = os.path.join(post_dir, name)
-                            writers[name] = [JsonlWriter(f"{prefix}.jsonl")] if stage == "grpo" else \
-                                [common.RaggedWriter(f"{prefix}.{side}") for side in ("chosen", "rejected")] \
-                                if stage == "dpo" else [common.RaggedWriter(prefix)]
-                        if stage == "grpo":
-                            writers[name][0].append(example)
-                        for writer, (ids, mask) in zip(writers[name], result if stage == "dpo" else [result]):
-                            if stage != "grpo":
-                                writer.append(ids, mask)
-                            token_counts[name] += len(ids)
-                        example_counts[name] += 1
-                if len(writers) < 2:
-                    source = getattr(args, stage)
-                    raise ValueError(f"--{stage}={source} gave {sum(example_counts[n] for n in writers)} usable examples: "
-                                     f"need at least {VAL_EVERY}")
-                for writer in itertools.chain(*writers.values()):
-                    writer.close()
-            finally:
-                for writer in itertools.chain(*writers.values()):
-                    writer.discard()
-    return dict(example_counts), dict(token_counts)
+        starts = {stage: done["position"] for stage, done in state["stages"].items()}
+        for stage, (examples, position) in tqdm(post_training_sources(args, curriculum, starts).items(),
+                                                desc="post-training sets"):
+            done = state["stages"].setdefault(stage, {"position": None, "examples": {}, "tokens": {},
+                                                      "writers": {}, "files": None})
+            if done["files"] is None:
+                write_stage(pool, args, post_dir, partial, state, stage, examples, position)
+    for done in state["stages"].values():
+        move_into_place((os.path.join(post_dir, name), os.path.join(partial, name)) for name in done["files"])
+    return ({name: n for done in state["stages"].values() for name, n in done["examples"].items()},
+            {name: n for done in state["stages"].values() for name, n in done["tokens"].items()})
 
 
-def render_in_worker(stage_and_batch):
-    """(the batch, each example rendered: (ids, mask); a DPO pair two of them; a GRPO prompt up to the reply)."""
-    stage, batch = stage_and_batch
+def write_stage(pool, args, post_dir, partial, state, stage, examples, position):
+    """One stage's sets, continued from state["stages"][stage]: its sets' example and token counts and their
+    writers' sync() states, which it updates and saves (with all of state) every PROGRESS_SECONDS. At the end
+    the sets' files are complete in partial/ and named in the stage's "files" (only their renaming remains)."""
+    done = state["stages"][stage]
+    example_counts, token_counts = collections.Counter(done["examples"]), collections.Counter(done["tokens"])
+    writers = {name: set_writers(stage, post_dir, partial, name, resume) for name, resume in done["writers"].items()}
+    saved = time.time()
+    batches = ((stage, batch, position()) for batch in iter(lambda: list(itertools.islice(examples, 64)), []))
+    for batch, rendered, after in in_order(pool, render_in_worker, batches, IN_FLIGHT * args.workers):
+        for (name, example), result in zip(batch, rendered):
+            if name not in writers:
+                writers[name] = set_writers(stage, post_dir, partial, name)
+            if stage == "grpo":
+                writers[name][0].append(example)
+            for writer, (ids, mask) in zip(writers[name], result if stage == "dpo" else [result]):
+                if stage != "grpo":
+                    writer.append(ids, mask)
+                token_counts[name] += len(ids)
+            example_counts[name] += 1
+        if time.time() - saved > PROGRESS_SECONDS:  # a batch boundary: every example before is written
+            done.update(position=after, examples=example_counts, tokens=token_counts,
+                        writers={name: [writer.sync() for writer in writers[name]] for name in writers})
+            save_progress(partial, state)
+            saved = time.time()
+    if len(writers) < 2:
+        source = getattr(args, stage)
+        raise ValueError(f"--{stage}={source} gave {sum(example_counts.values())} usable examples: "
+                         f"need at least {VAL_EVERY}")
+    every_writer = list(itertools.chain(*writers.values()))
+    for writer in every_writer:
+        writer.finish()  # headers written: the files are complete, only their renaming remains
+    done.update(position=position(), examples=example_counts, tokens=token_counts,
+                files=[os.path.basename(path) for writer in every_writer for path in writer.paths()])
+    save_progress(partial, state)
+
+
+def set_writers(stage, post_dir, partial, name, resume=None):
+    """The writers of one set, its files kept in partial/ until they are complete: a GRPO set's prompts as jsonl,
+    a DPO set's chosen and rejected sides as two ragged sets, an SFT set's conversations as one; resume: their
+    sync() states."""
+    if stage == "grpo":
+        make, suffixes = JsonlWriter, [".jsonl"]
+    else:
+        make, suffixes = common.RaggedWriter, [".chosen", ".rejected"] if stage == "dpo" else [""]
+    return [make(os.path.join(post_dir, name + suffix), os.path.join(partial, name + suffix), state)
+            for suffix, state in zip(suffixes, resume or [None] * len(suffixes))]
+
+
+def render_in_worker(stage_batch_and_position):
+    """(the batch, each example rendered: (ids, mask); a DPO pair two of them; a GRPO prompt up to the reply;
+    the position, passed through)."""
+    stage, batch, position = stage_batch_and_position
     tok = worker_tokenizer
     if stage == "sft":
-        return batch, [tk.render_chat(tok, messages) for _, messages in batch]
-    if stage == "dpo":
-        return batch, [render_pair(tok, *example) for _, example in batch]
-    return batch, [tk.render_chat(tok, example["messages"], add_generation_prompt=True) for _, example in batch]
+        rendered = [tk.render_chat(tok, messages) for _, messages in batch]
+    elif stage == "dpo":
+        rendered = [render_pair(tok, *example) for _, example in batch]
+    else:
+        rendered = [tk.render_chat(tok, example["messages"], add_generation_prompt=True) for _, example in batch]
+    return batch, rendered, position
 
 
 class JsonlWriter:
     """Rows to a .jsonl file as they come, and where each line starts (common.JsonlRows reads row i without
-    the rows before it), both renamed into place on close()."""
+    the rows before it), both written under `partial` (a .jsonl path) until finish() and then renamed into place;
+    a later JsonlWriter(path, partial, resume=sync()'s state) continues exactly where that state was taken."""
 
-    def __init__(self, path):
-        self.path, self.partial = path, f"{path}.tmp{os.getpid()}"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(self.partial, "wb")
-        self.lines = common.ArrayWriter(common.jsonl_index_path(path), f"{common.jsonl_index_path(path)}.tmp{os.getpid()}",
-                                        np.int64)
-        self.lines.append([0])
+    def __init__(self, path, partial, resume=None):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+        self.file = open(partial, "r+b" if resume else "wb")
+        if resume:  # whatever was written after that state is dropped
+            self.file.truncate(resume["bytes"])
+            self.file.seek(0, os.SEEK_END)
+        self.lines = common.ArrayWriter(common.jsonl_index_path(path), common.jsonl_index_path(partial), np.int64,
+                                        resume=resume and resume["lines"])
+        if not resume:
+            self.lines.append([0])
+
+    def paths(self):
+        """The final paths of its files."""
+        return [self.path, self.lines.path]
 
     def append(self, row):
         self.file.write((json.dumps(row) + "\n").encode())
         self.lines.append([self.file.tell()])
 
-    def close(self):
+    def sync(self):
+        """Flush the rows and the index to disk; returns the state to resume from."""
         self.file.flush()
         os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.partial, self.path)
-        self.lines.close()
+        return {"bytes": self.file.tell(), "lines": self.lines.sync()}
 
-    def discard(self):
+    def finish(self):
+        """Both files complete, under their unfinished names."""
+        self.sync()
         self.file.close()
-        if os.path.exists(self.partial):
-            os.remove(self.partial)
-        self.lines.discard()
+        self.lines.finish()
 
 
 def render_pair(tok, prompt, chosen, rejected):
@@ -516,6 +573,11 @@ def render_pair(tok, prompt, chosen, rejected):
 # -----------------------------------------------------------------------------
 # writing
 
+def save_progress(partial, state):
+    """state, which holds the settings, as partial/progress.json (atomically: a kill leaves the last one whole)."""
+    common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
+
+
 def saved_progress(partial, settings):
     """The progress an unfinished run saved in partial/, or None; a one-line error if it ran with other settings."""
     path = os.path.join(partial, "progress.json")
@@ -527,6 +589,14 @@ def saved_progress(partial, settings):
         raise ValueError(f"{partial} holds an unfinished run with other settings ({progress['settings']}): run "
                          "again with those to finish it, or pass --force=True to start over")
     return progress
+
+
+def move_into_place(paths):
+    """Rename each complete (final, unfinished) file to its final name; one renamed already is passed over, so a
+    run killed half-way through the renaming finishes it."""
+    for final, unfinished in paths:
+        if os.path.exists(unfinished):
+            os.replace(unfinished, final)
 
 
 def already_done(data_dir, settings, force):
@@ -706,9 +776,20 @@ def main(argv=None):
         shutil.rmtree(partial)
         print(f"wrote {pre_dir}: {counts['train']:,} train and {counts['val']:,} val tokens ({source})")
     if post_todo:
-        example_counts, token_counts = write_post_training(tok, args, post_dir, post_training_sources(args, curriculum))
+        # an unfinished run left partial/: its progress and the sets so far (made with an earlier tokenizer if this
+        # run trained one: then they start over)
+        partial = os.path.join(post_dir, "partial")
+        progress = None if args.force or (pre_todo and train_tokenizer) else saved_progress(partial, post_settings)
+        if progress:
+            print(f"{post_dir}: resuming after " + ", ".join(f"{stage} {sum(done['examples'].values()):,} examples"
+                                                            for stage, done in progress["stages"].items()))
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        example_counts, token_counts = write_post_training(tok, args, post_settings, post_dir, partial, progress,
+                                                           curriculum)
         tok.save(post_dir, source={"sft": args.sft, "dpo": args.dpo, "grpo": args.grpo}, token_counts=token_counts,
                  example_counts=example_counts, seed=args.seed, settings=post_settings)
+        shutil.rmtree(partial)
         print(f"wrote {post_dir}: " + ", ".join(f"{k} {v}" for k, v in example_counts.items()))
     print(f"done in {time.time() - t0:.1f}s")
 

@@ -236,7 +236,7 @@ def test_interrupted_run_leaves_no_partial_file(corpus, tmp_path, monkeypatch):
     prepare_data.main(args + [f"--out_dir={tmp_path}/run"])
     prepare_data.main(args + [f"--out_dir={tmp_path}/clean"])
     clean = sorted((tmp_path / "clean").rglob("*.bin"))
-    assert len(clean) == 20
+    assert len(clean) == 28
     for path in clean:
         assert path.read_bytes() == (tmp_path / "run" / path.relative_to(tmp_path / "clean")).read_bytes()
 
@@ -255,6 +255,31 @@ def prepare_in_child(args, patches=""):
     """prepare_data.main(args) in a child process, after the statements `patches`."""
     code = f"import sys; sys.path.insert(0, {ROOT!r}); import prepare_data\n{patches}\nprepare_data.main({args!r})"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def write_hub_schema_files(directory, n):
+    """n examples each in the hub schemas of smoltalk (SFT), ultrafeedback (DPO) and NuminaMath-TIR (GRPO, a row
+    without a boxed answer, which is skipped, after every 7th), as jsonl files: {stage: path}."""
+    numina = []
+    for i in range(n):
+        numina.append({"problem": f"Compute {i}^2.", "messages": [],
+                       "solution": f"We get \\boxed{{\\frac{{{i * i}}}{{1}}}}."})
+        if i % 7 == 6:
+            numina.append({"problem": "no boxed answer", "solution": "none"})
+    return {"sft": write_jsonl(directory / "smoltalk.jsonl", [
+                {"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": f"{i}"}],
+                 "source": "x"} for i in range(n)]),
+            "dpo": write_jsonl(directory / "uf.jsonl", [
+                {"prompt": f"Q{i}", "prompt_id": "p", "score_chosen": 8.0,
+                 "chosen": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "good"}],
+                 "rejected": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": "bad"}]}
+                for i in range(n)]),
+            "grpo": write_jsonl(directory / "numina.jsonl", numina)}
 
 
 @pytest.mark.parametrize("layout", ["local jsonl", "hub layout"])
@@ -295,6 +320,54 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(layout, tmp_path, corpus
         clean = (tmp_path / "clean" / name / f"{split}.bin").read_bytes()
         assert (tmp_path / "run" / name / f"{split}.bin").read_bytes() == clean and len(clean) > 50_000
     assert not (tmp_path / "run" / name / "partial").exists()
+
+
+@pytest.mark.parametrize("sources", ["arithmetic", "local jsonl and hub layout"])
+def test_a_killed_post_training_preparation_resumes_to_the_same_bytes(sources, tmp_path, corpus, monkeypatch):
+    """SIGKILL at a random point of each stage, SFT, DPO, GRPO (the progress saved after every batch here): each
+    re-run continues from partial/ -- the curriculum by example count, a local file by row index, a stream in the
+    hub's layout by its state_dict() -- without redoing a finished stage, and every file of the result equals an
+    uninterrupted run's byte for byte."""
+    tk.train_sentencepiece(corpus[:5], vocab_size=1000).save(str(tmp_path / "tok"))
+    args = ["--dataset=none", f"--tokenizer={tmp_path / 'tok'}", "--workers=2"]
+    # a short pause per written batch: on an idle machine a stage would otherwise end before the kill
+    patches = ("prepare_data.PROGRESS_SECONDS = 0; import time; in_order = prepare_data.in_order; "
+               "prepare_data.in_order = lambda *a: (time.sleep(0.05) or result for result in in_order(*a))")
+    name = "arithmetic"
+    if sources != "arithmetic":  # GRPO prompts by a hub name, streamed from a local directory in the hub's layout
+        files = write_hub_schema_files(tmp_path, 1000)
+        os.makedirs(tmp_path / "hub")
+        os.replace(files["grpo"], tmp_path / "hub" / "train.jsonl")
+        hub_entry = (str(tmp_path / "hub"), None, "train")
+        patches += f"; prepare_data.POSTTRAINING_HUB['numinamath'] = {hub_entry!r}"
+        monkeypatch.setitem(prepare_data.POSTTRAINING_HUB, "numinamath", hub_entry)
+        args += [f"--sft={files['sft']}", f"--dpo={files['dpo']}", "--grpo=numinamath"]
+        name = "smoltalk+uf+numinamath"
+    run, clean = tmp_path / "run" / name, tmp_path / "clean" / name
+    progress = run / "partial" / "progress.json"
+    rng, said, saved = random.Random(0), "", ""
+    for first_file in ("sft_train.tokens.bin", "dpo_train.chosen.tokens.bin", "grpo_train.jsonl"):
+        child = prepare_in_child(args + [f"--out_dir={tmp_path}/run"], patches)
+        # the kill after the progress moved on, in the stage that writes first_file
+        while child.poll() is None and not (progress.exists() and progress.read_text() != saved and
+                                            (run / "partial" / first_file).exists()):
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.4))
+        saved = progress.read_text() if progress.exists() else ""
+        child.kill()
+        said += child.communicate()[0]
+    assert saved and not (run / "meta.json").exists()  # killed while unfinished
+    finished = {path.name: path.stat().st_mtime_ns for path in (run / "partial").iterdir()
+                if path.name.startswith(("sft", "dpo"))}
+    child = prepare_in_child(args + [f"--out_dir={tmp_path}/run"], patches)
+    said += child.communicate()[0]
+    assert child.returncode == 0 and said.count("resuming after") >= 3, said[-2000:]
+    assert {file_name: (run / file_name).stat().st_mtime_ns for file_name in finished} == finished  # not redone
+    prepare_data.main(args + [f"--out_dir={tmp_path}/clean"])
+    names = sorted(path.name for path in clean.iterdir())
+    assert sorted(path.name for path in run.iterdir()) == names and len(names) == 30  # 28 set files, meta, tokenizer
+    for file_name in names:
+        assert (run / file_name).read_bytes() == (clean / file_name).read_bytes(), file_name
 
 
 def test_workers_write_the_same_bytes_as_one(tmp_path, corpus, default_data, monkeypatch):
@@ -396,26 +469,11 @@ def test_corrupt_download_is_refused_and_removed(tmp_path, monkeypatch):
 def test_local_files_in_each_hub_schema(default_data, tmp_path):
     tok = tk.load_tokenizer(str(default_data / "shakespeare"))
     n = 40
-
-    def write_jsonl(name, rows):
-        path = tmp_path / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return str(path)
-    smoltalk = write_jsonl("smoltalk.jsonl", [{"messages": [{"role": "user", "content": f"Say {i}"},
-                                                             {"role": "assistant", "content": f"{i}"}],
-                                               "source": "x"} for i in range(n)])
-    stratos = write_jsonl("stratos.jsonl", [{"system": "Your role as an assistant ...", "conversations": [
+    smoltalk, ultrafeedback, numina = write_hub_schema_files(tmp_path, n).values()
+    stratos = write_jsonl(tmp_path / "stratos.jsonl", [{"system": "Your role as an assistant ...", "conversations": [
         {"from": "user", "value": f"What is {i}+1?"},
         {"from": "assistant", "value": f"<|begin_of_thought|>\n\nadd one\n\n<|end_of_thought|>\n\n"
                                        f"<|begin_of_solution|>\n\n{i + 1}\n\n<|end_of_solution|>"}]} for i in range(n)])
-    ultrafeedback = write_jsonl("uf.jsonl", [{"prompt": f"Q{i}", "prompt_id": "p", "score_chosen": 8.0,
-                                              "chosen": [{"role": "user", "content": f"Q{i}"},
-                                                         {"role": "assistant", "content": "good"}],
-                                              "rejected": [{"role": "user", "content": f"Q{i}"},
-                                                           {"role": "assistant", "content": "bad"}]} for i in range(n)])
-    numina = write_jsonl("numina.jsonl", [{"problem": f"Compute {i}^2.", "messages": [],
-                                           "solution": f"We get \\boxed{{\\frac{{{i * i}}}{{1}}}}."} for i in range(n)]
-                         + [{"problem": "no boxed answer", "solution": "none"}])
     import pyarrow as pa
     import pyarrow.parquet as pq
     rows = [json.loads(line) for line in open(smoltalk)]
@@ -439,7 +497,7 @@ def test_local_files_in_each_hub_schema(default_data, tmp_path):
     grpo = [json.loads(line) for line in open(out / "grpo_train.jsonl")]
     assert grpo[0]["answer"] == "\\frac{0}{1}" and grpo[0]["messages"][1]["content"] == "Compute 0^2."
     assert grpo[0]["messages"][0]["content"] == tk.SYSTEM_PROMPT
-    assert len(grpo) + len(open(out / "test.jsonl").readlines()) == n  # the unboxed row is skipped
+    assert len(grpo) + len(open(out / "test.jsonl").readlines()) == n  # the unboxed rows are skipped
 
     prepare(sft=stratos, dpo="none", grpo="none")
     tokens, mask, offsets = common.read_ragged(str(tmp_path / "out" / "stratos" / "sft_train"))
