@@ -16,10 +16,10 @@ import statistics
 
 import torch
 
-import common
-from engine import Engine
+from nanodoge import devices, settings
+from nanodoge.engine import Engine
 from model import Doge, DogeConfig
-from training import training_cross_entropy, resolve_compile
+from nanodoge.training import training_cross_entropy, resolve_compile
 
 DEFAULTS = dict(
     # model shape (Doge-20M)
@@ -50,14 +50,14 @@ def time_training(runs, cfg, device, dtype):
     loss_fn) of runs: their steps interleaved so that every run meets the same machine, and the median step of
     each, as a shared machine's noise moves single steps by tens of percent."""
     idx = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
-    sync = lambda: common.synchronize(device)
+    sync = lambda: devices.synchronize(device)
     optimizers = [torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda") for _, module, _ in runs]
     seconds = [[] for _ in runs]
     for step in range(cfg.warmup_steps + cfg.timed_steps):
         for (label, module, loss_fn), optimizer, times in zip(runs, optimizers, seconds):
             sync()
             start = time.perf_counter()
-            with common.autocast(device, dtype):
+            with devices.autocast(device, dtype):
                 loss = loss_fn(module, idx)
             loss.backward()
             optimizer.step()
@@ -75,10 +75,10 @@ def reference_loss(model, idx):
     return model(input_ids=idx[:, :-1], labels=idx[:, :-1]).loss  # labels are shifted inside
 
 def time_call(fn, device):
-    common.synchronize(device)
+    devices.synchronize(device)
     start = time.perf_counter()
     fn()
-    common.synchronize(device)
+    devices.synchronize(device)
     return time.perf_counter() - start
 
 def time_generation(generators, cfg, device):
@@ -115,7 +115,7 @@ def time_decode_steps(engine, cfg, device):
 def time_rollouts(engine, cfg, device, dtype):
     """Completion tokens/s of GRPO-style rollouts: rollout_batch rows sampled at temperature 1 under autocast."""
     prompts = torch.randint(cfg.vocab_size, (cfg.rollout_batch, cfg.prompt_len), device=device)
-    with common.autocast(device, dtype):
+    with devices.autocast(device, dtype):
         engine.generate(prompts, 4)  # warm up
         seconds = time_call(lambda: engine.generate(prompts, cfg.rollout_tokens, temperature=1.0), device)
     return cfg.rollout_batch * cfg.rollout_tokens / seconds
@@ -123,7 +123,7 @@ def time_rollouts(engine, cfg, device, dtype):
 def time_encoding():
     """Tokens/s of encoding Shakespeare's complete works with sentencepiece (8k BPE) and GPT-2 (tiktoken)."""
     import prepare_data
-    import tokenizer as tk
+    from nanodoge import tokenizer as tk
     documents, _ = prepare_data.shakespeare_documents()
     results = {}
     for name, tok in [("sentencepiece 8k", tk.train_sentencepiece(documents, 8192)),
@@ -135,8 +135,8 @@ def time_encoding():
     return results
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
-    device = common.setup_distributed(cfg.device).device
+    cfg = settings.load_config(DEFAULTS, argv)
+    device = devices.setup_distributed(cfg.device).device
     torch.manual_seed(cfg.seed)
     config = DogeConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
     model = Doge(config).to(device)
@@ -156,12 +156,12 @@ def main(argv=None):
             print("transformers is not installed: measuring nanodoge only")
 
     results, peaks = {}, {}  # (who, dtype, compiled) -> tokens/s; dtype -> matmul FLOP/s
-    native, why = common.native_dtype(device)
+    native, why = devices.native_dtype(device)
     for dtype in cfg.dtypes.split(","):
         if dtype != "float32" and dtype != native:
             print(f"skipping {dtype}: {why}")
             continue
-        peaks[dtype] = peak = common.measure_peak_flops(device, dtype)
+        peaks[dtype] = peak = devices.measure_peak_flops(device, dtype)
         print(f"{dtype}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
         # the loss the training loop uses on this device, and, where that is the chunked one, the plain one
         runs = {("nanodoge", dtype, False): (model, ours_loss(training_cross_entropy(device, compiled=False)))}
@@ -196,7 +196,7 @@ def main(argv=None):
     generation = {}  # (who, dtype, compiled) -> (greedy tokens/s, seconds to the first token)
     for dtype in dtypes:
         keys = [key for key in generators if key[1] == dtype]
-        with common.autocast(device, dtype):
+        with devices.autocast(device, dtype):
             generation.update(zip(keys, time_generation([generators[key] for key in keys], cfg, device)))
         for (who, _, compiled) in keys:
             rate, ttft = generation[(who, dtype, compiled)]
@@ -235,4 +235,4 @@ def main(argv=None):
                   f"time to first token {ref_ttft / ttft:.1f}x faster")
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

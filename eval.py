@@ -47,11 +47,10 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-import common
-import checkpoint as ckpt
-from engine import Engine
+from nanodoge import checkpoint as ckpt, dataset_rows, devices, files, settings
+from nanodoge.engine import Engine
 from model import left_pad
-from post_training import evaluate_accuracy
+from nanodoge.post_training import evaluate_accuracy
 
 DEFAULTS = dict(
     init_from="",  # out dir (its newest checkpoint) | ckpt file | Hugging Face dir | hub id; "" = what out/ got last
@@ -194,13 +193,13 @@ def split_rows(name, split, data_dir):
     for extension in (".jsonl", ".parquet"):
         path = os.path.join(data_dir, name, split + extension)
         if os.path.isfile(path):
-            return list(common.local_rows(path)), path
+            return list(dataset_rows.local_rows(path)), path
     task = TASKS[name]
     hub_path, config_name = task.hub
     hint = (f"cannot reach the Hugging Face Hub for {name} ({hub_path}): offline, put its {task.eval_split} and "
             f"{task.fewshot_split} splits in the hub's schema at --data_dir={data_dir} as {name}/<split>.jsonl "
             f"(or .parquet); --tasks=arithmetic runs offline")
-    rows = list(common.hub_rows(hub_path, config_name, split, hint, streaming=False))
+    rows = list(dataset_rows.hub_rows(hub_path, config_name, split, hint, streaming=False))
     return rows, f"{hub_path}" + (f" ({config_name})" if config_name else "")
 
 
@@ -384,7 +383,7 @@ def arithmetic_accuracy(model, tok, cfg):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist: run `python prepare_data.py` (offline, seconds) to write "
                                 "the held-out arithmetic problems, or pass --arithmetic_dir=<its directory>")
-    rows = first_rows(list(common.local_rows(path)), cfg.limit, by_subject=False)
+    rows = first_rows(list(dataset_rows.local_rows(path)), cfg.limit, by_subject=False)
     accuracy, _ = evaluate_accuracy(model, tok, rows, cfg.max_new_tokens, cfg.batch_size)
     return dict(accuracy=accuracy), len(rows), path
 
@@ -400,8 +399,8 @@ def load(cfg):
     if not os.path.exists(init_from) and os.path.isdir(os.path.dirname(init_from) or "."):
         raise FileNotFoundError(f"no checkpoint at {init_from}: pass --init_from=<out dir | ckpt file | Hugging "
                                 "Face dir | hub id>")
-    device = common.setup_distributed(cfg.device).device
-    dtype, why = common.resolve_dtype(cfg.dtype, device)
+    device = devices.setup_distributed(cfg.device).device
+    dtype, why = devices.resolve_dtype(cfg.dtype, device)
     print(f"evaluating {init_from} on {device} | {why}", file=sys.stderr)
     model, tok, _ = ckpt.load_model(init_from, device, cfg.tokenizer)
     if tok.vocab_size > model.config.vocab_size:
@@ -446,15 +445,15 @@ def write_results(directory, init_from, results):
     if os.path.exists(path):
         with open(path) as f:
             results = {**json.load(f).get("tasks", {}), **results}
-    common.write_file(path, json.dumps(dict(model=init_from, tasks=results), indent=2))
+    files.write_file(path, json.dumps(dict(model=init_from, tasks=results), indent=2))
     table = markdown(init_from, results)
-    common.write_file(os.path.join(directory, "eval.md"), f"# {init_from}\n\n" + table)
+    files.write_file(os.path.join(directory, "eval.md"), f"# {init_from}\n\n" + table)
     return table
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
+    cfg = settings.load_config(DEFAULTS, argv)
     names = [name.strip() for name in cfg.tasks.split(",") if name.strip()]
     known = list(TASKS) + ["arithmetic"]
     for name in names:
@@ -483,4 +482,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

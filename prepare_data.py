@@ -36,9 +36,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-import arithmetic
-import common
-import tokenizer as tk
+from nanodoge import arithmetic, dataset_rows, files, settings, tokenizer as tk
 
 config = dict(
     # pre-training corpus: shakespeare | fineweb-edu | cosmopedia-v2 | python-edu | finemath | smollm-mix
@@ -101,7 +99,7 @@ def is_local_file(source):
 
 def hub_stream(name, path, config_name, split, flag, state=None):
     """(rows, position) of a hub dataset, streamed from `state`; offline it fails in seconds with what to do."""
-    return common.hub_stream(path, config_name, split, state=state, offline_hint=(
+    return dataset_rows.hub_stream(path, config_name, split, state=state, offline_hint=(
         f"cannot reach the Hugging Face Hub for --{flag}={name}: offline, use the built-in default "
         f"(plain `python prepare_data.py`) or pass a local file in the same schema, "
         f"--{flag}=path/to/file.jsonl or .parquet"))
@@ -112,7 +110,7 @@ def source_rows(source, hub_table, flag, start=None):
     `start` (None: the beginning); position() is where the rows are after those yielded (a row count, or the
     stream's state), which a later call continues from."""
     if is_local_file(source):
-        return counted(common.local_rows(source, start or 0), start or 0, skipped=True)
+        return counted(dataset_rows.local_rows(source, start or 0), start or 0, skipped=True)
     if source in hub_table:
         return hub_stream(source, *hub_table[source][:3], flag, start)
     if source.count("/") == 1:
@@ -168,7 +166,7 @@ def pretraining_documents(dataset, start=None):
                 raise FileNotFoundError(f"{dataset} does not exist")
             with open(dataset, encoding="utf-8") as f:
                 return (*counted([f.read()], start or 0), dataset, False)
-        rows_ = common.local_rows(dataset, start or 0)
+        rows_ = dataset_rows.local_rows(dataset, start or 0)
         return (*counted((text_of(row, dataset) for row in rows_), start or 0, skipped=True), dataset, True)
     if dataset == "smollm-mix":
         return (*mixed_documents(SMOLLM_MIX, start), f"smollm-mix {SMOLLM_MIX}", True)
@@ -244,7 +242,7 @@ def write_pretraining(tok, args, settings, pre_dir, partial, progress):
     paths = {split: (os.path.join(pre_dir, f"{split}.bin"), os.path.join(partial, f"{split}.bin"))
              for split in ("train", "val")}
     if not state["finished"]:
-        writers = {split: common.ArrayWriter(*paths[split], np.uint16, resume=state[split]) for split in paths}
+        writers = {split: files.ArrayWriter(*paths[split], np.uint16, resume=state[split]) for split in paths}
         # the pool first: its processes fork before a hub stream starts threads of its own
         with multiprocessing.Pool(args.workers, initializer=start_worker, initargs=(tok.state(),)) as pool:
             documents, position, state["source"], streamed = pretraining_documents(args.dataset, state["position"])
@@ -273,12 +271,12 @@ def write_pretraining(tok, args, settings, pre_dir, partial, progress):
             train = writers["train"]
             train.sync()
             kept = train.count - max(1, train.count // VAL_EVERY)
-            stream = np.memmap(train.partial, np.uint16, "r", offset=common.HEADER_INTS * 4, shape=(train.count,))
+            stream = np.memmap(train.partial, np.uint16, "r", offset=files.HEADER_INTS * 4, shape=(train.count,))
             writers["val"].append(stream[kept:])
             largest = int(stream[:kept].max()) if kept else 0
             del stream
             train.file.close()
-            writers["train"] = common.ArrayWriter(*paths["train"], np.uint16, resume={"count": kept, "max": largest})
+            writers["train"] = files.ArrayWriter(*paths["train"], np.uint16, resume={"count": kept, "max": largest})
         for writer in writers.values():
             writer.finish()  # headers written: the files are complete, only their renaming remains
         state.update(finished=True, **{split: {"count": w.count, "max": w.max} for split, w in writers.items()})
@@ -503,7 +501,7 @@ def set_writers(stage, post_dir, partial, name, resume=None):
     if stage == "grpo":
         make, suffixes = JsonlWriter, [".jsonl"]
     else:
-        make, suffixes = common.RaggedWriter, [".chosen", ".rejected"] if stage == "dpo" else [""]
+        make, suffixes = files.RaggedWriter, [".chosen", ".rejected"] if stage == "dpo" else [""]
     return [make(os.path.join(post_dir, name + suffix), os.path.join(partial, name + suffix), state)
             for suffix, state in zip(suffixes, resume or [None] * len(suffixes))]
 
@@ -523,7 +521,7 @@ def render_in_worker(stage_batch_and_position):
 
 
 class JsonlWriter:
-    """Rows to a .jsonl file as they come, and where each line starts (common.JsonlRows reads row i without
+    """Rows to a .jsonl file as they come, and where each line starts (files.JsonlRows reads row i without
     the rows before it), both written under `partial` (a .jsonl path) until finish() and then renamed into place;
     a later JsonlWriter(path, partial, resume=sync()'s state) continues exactly where that state was taken."""
 
@@ -534,7 +532,7 @@ class JsonlWriter:
         if resume:  # whatever was written after that state is dropped
             self.file.truncate(resume["bytes"])
             self.file.seek(0, os.SEEK_END)
-        self.lines = common.ArrayWriter(common.jsonl_index_path(path), common.jsonl_index_path(partial), np.int64,
+        self.lines = files.ArrayWriter(files.jsonl_index_path(path), files.jsonl_index_path(partial), np.int64,
                                         resume=resume and resume["lines"])
         if not resume:
             self.lines.append([0])
@@ -575,7 +573,7 @@ def render_pair(tok, prompt, chosen, rejected):
 
 def save_progress(partial, state):
     """state, which holds the settings, as partial/progress.json (atomically: a kill leaves the last one whole)."""
-    common.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
+    files.write_file(os.path.join(partial, "progress.json"), json.dumps(state))
 
 
 def saved_progress(partial, settings):
@@ -663,7 +661,7 @@ def bench(args):
                     start = rng.randrange(len(words) - window)
                     f.write(json.dumps({"text": " ".join(words[start:start + window])}) + "\n")
         small = args.max_tokens // 10
-        documents, tokens, seconds = iter(text_of(row, rows_file) for row in common.local_rows(rows_file)), 0, 0.0
+        documents, tokens, seconds = iter(text_of(row, rows_file) for row in dataset_rows.local_rows(rows_file)), 0, 0.0
         while tokens < small:  # the tokenizer alone, all cores (its threads), batches of 2M characters
             batch = take_chars(documents, 2_000_000)
             if not batch:
@@ -707,11 +705,11 @@ def process_tree_rss(pid):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     trains_on = None  # the data_dir of a training config given on the command line
-    config_path = common.config_file(argv)
+    config_path = settings.config_file(argv)
     if config_path:
         config_args, trains_on = training_config_arguments(config_path)
         argv = config_args + [arg for arg in argv if arg != config_path]
-    args = common.load_config(config, argv)
+    args = settings.load_config(config, argv)
     if args.bench:
         return bench(args)
     if not args.arithmetic_ops or set(args.arithmetic_ops) - set("+-*"):
@@ -795,4 +793,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

@@ -20,10 +20,9 @@ import json
 import numpy as np
 import torch
 
-import common
-import checkpoint as ckpt
-from engine import Engine
-from tokenizer import render_chat
+from nanodoge import checkpoint as ckpt, files, settings
+from nanodoge.engine import Engine
+from nanodoge.tokenizer import render_chat
 
 DEFAULTS = dict(out_dir="out")
 STAGES = ["prepare", "pretrain", "sft", "dpo", "grpo", "sample"]
@@ -186,7 +185,7 @@ def plot(out_dir, report, png_path):
     plt.close(fig)
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
+    cfg = settings.load_config(DEFAULTS, argv)
     seconds_path = os.path.join(cfg.out_dir, "seconds.json")
     seconds = json.load(open(seconds_path)) if os.path.exists(seconds_path) else {}
     report = {"seconds": seconds, **numbers(cfg.out_dir)}
@@ -194,12 +193,12 @@ def main(argv=None):
     answers = {}
     for stage in ("sft", "dpo", "grpo"):
         answers["question"], answers[stage] = sample_answer(os.path.join(cfg.out_dir, RUN_DIRS[stage]))
-    common.write_file(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2))
+    files.write_file(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=2))
     val_loss_before = first_and_last(records(cfg.out_dir, "pretrain"), "val_loss")[0]
-    common.write_file(os.path.join(cfg.out_dir, "report.md"), markdown(report, steps, answers, val_loss_before))
+    files.write_file(os.path.join(cfg.out_dir, "report.md"), markdown(report, steps, answers, val_loss_before))
     plot(cfg.out_dir, report, os.path.join(cfg.out_dir, "report.png"))
     print(open(os.path.join(cfg.out_dir, "report.md")).read(), end="")
     print(f"report: {os.path.join(cfg.out_dir, 'report.md')}, report.json, report.png", file=sys.stderr)
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

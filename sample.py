@@ -16,10 +16,9 @@ import time
 
 import torch
 
-import common
-import checkpoint as ckpt
-from engine import Engine
-from tokenizer import SYSTEM_PROMPT, render_chat
+from nanodoge import checkpoint as ckpt, devices, settings
+from nanodoge.engine import Engine
+from nanodoge.tokenizer import SYSTEM_PROMPT, render_chat
 
 DEFAULTS = dict(
     init_from="",  # out dir (its newest checkpoint) | ckpt file | Hugging Face dir | hub id; "" = what out/ got last
@@ -57,8 +56,8 @@ def load(cfg):
     if not os.path.exists(init_from) and looks_local:  # else it may be a hub id such as SmallDoge/Doge-20M
         raise FileNotFoundError(f"no checkpoint at {init_from}: train one first (python train_pt.py) or pass "
                                 "--init_from=<out dir | ckpt file | Hugging Face dir | hub id>")
-    device = common.setup_distributed(cfg.device).device
-    dtype, why = common.resolve_dtype(cfg.dtype, device)
+    device = devices.setup_distributed(cfg.device).device
+    dtype, why = devices.resolve_dtype(cfg.dtype, device)
     source = init_from if cfg.init_from else f"{init_from} (the model trained last: the newest under out/)"
     print(f"sampling {source} on {device} | {why}", file=sys.stderr)
     model, tok, _ = ckpt.load_model(init_from, device, cfg.tokenizer)
@@ -212,7 +211,7 @@ def chat(engine, tok, cfg, read_line=input, out=None):
 
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
+    cfg = settings.load_config(DEFAULTS, argv)
     prompt = None if cfg.chat else read_prompt(cfg)  # a bad prompt fails before the model loads
     engine, tok = load(cfg)
     torch.manual_seed(cfg.seed)
@@ -227,4 +226,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

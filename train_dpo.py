@@ -21,10 +21,8 @@ import torch.nn.functional as F
 import torch.distributed as dist
 from tqdm import tqdm
 
-import common
-import training
-import checkpoint as ckpt
-from post_training import (step_indices, micro_batch, get_examples, pad_examples, usable_examples, example_lengths,
+from nanodoge import checkpoint as ckpt, devices, files, settings, training
+from nanodoge.post_training import (step_indices, micro_batch, get_examples, pad_examples, usable_examples, example_lengths,
                            length_sample, check_data, steps_per_run, examples_per_micro_step, load_policy,
                            token_logprobs)
 
@@ -158,15 +156,15 @@ def evaluate(model, val_chosen, val_rejected, val_usable, val_ref, pad_id, cfg, 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
+    cfg = settings.load_config(DEFAULTS, argv)
     if cfg.loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {cfg.loss_type!r}")
     if not 0 <= cfg.label_smoothing < 0.5 or cfg.beta <= 0:
         raise ValueError(f"need beta > 0 and 0 <= label_smoothing < 0.5, got beta={cfg.beta}, "
                          f"label_smoothing={cfg.label_smoothing}")
-    common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
+    settings.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
     run = training.setup(cfg)
-    sets = {f"dpo_{split}.{side}": common.read_ragged(os.path.join(cfg.data_dir, f"dpo_{split}.{side}"))
+    sets = {f"dpo_{split}.{side}": files.read_ragged(os.path.join(cfg.data_dir, f"dpo_{split}.{side}"))
             for split in ("train", "val") for side in ("chosen", "rejected")}
     train_chosen, train_rejected = sets["dpo_train.chosen"], sets["dpo_train.rejected"]
     val_chosen, val_rejected = sets["dpo_val.chosen"], sets["dpo_val.rejected"]
@@ -233,7 +231,7 @@ def main(argv=None):
 
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
     backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
-    peak_flops = common.measure_peak_flops(run.device, run.dtype)
+    peak_flops = devices.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
     if start_step == 0:  # the numbers every later evaluation is compared with
@@ -288,4 +286,4 @@ def main(argv=None):
     return model
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

@@ -29,13 +29,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
-import training
-import checkpoint as ckpt
-from engine import Engine
+from nanodoge import checkpoint as ckpt, files, settings, training
+from nanodoge.engine import Engine
 from model import left_pad
-from post_training import step_indices, token_logprobs, evaluate_accuracy
-from tokenizer import render_chat, extract_answer, normalize_answer
+from nanodoge.post_training import step_indices, token_logprobs, evaluate_accuracy
+from nanodoge.tokenizer import render_chat, extract_answer, normalize_answer
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
     import math_verify
@@ -271,9 +269,9 @@ def completion_logps(model, ids, temperature):
 # -----------------------------------------------------------------------------
 
 def load_prompts(data_dir, name):
-    """The prompts of a .jsonl set, read by index (common.JsonlRows: a million open as fast as ten)."""
+    """The prompts of a .jsonl set, read by index (files.JsonlRows: a million open as fast as ten)."""
     path = os.path.join(data_dir, name)
-    rows = common.JsonlRows(path)
+    rows = files.JsonlRows(path)
     if len(rows) == 0:
         raise ValueError(f"{path} holds no prompts: re-run prepare_data.py")
     first = rows[0]
@@ -332,11 +330,11 @@ def log_evaluation(run, cfg, log_path, step, metrics, per_problem):
     paired bootstrap compares two of them problem by problem)."""
     training.log_eval(run, log_path, step, metrics, f"eval step {step} | held-out")
     if run.master:
-        common.write_file(os.path.join(cfg.out_dir, f"eval_{step:07d}.json"), json.dumps(per_problem))
+        files.write_file(os.path.join(cfg.out_dir, f"eval_{step:07d}.json"), json.dumps(per_problem))
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
-    common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
+    cfg = settings.load_config(DEFAULTS, argv)
+    settings.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
     run = training.setup(cfg)
     check_config(cfg, run.world_size)
     train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")
@@ -465,4 +463,4 @@ def main(argv=None):
     return model
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

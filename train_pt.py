@@ -16,11 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import common
-import training
-import checkpoint as ckpt
+from nanodoge import checkpoint as ckpt, devices, files, settings, training
 from model import Doge, DogeConfig
-from tokenizer import load_tokenizer
+from nanodoge.tokenizer import load_tokenizer
 
 MODEL_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings", "keep_window_size", "tie_word_embeddings",
@@ -111,12 +109,12 @@ def build_model(cfg, tok, checkpoint):
     return model, None if grown else checkpoint, grown
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
+    cfg = settings.load_config(DEFAULTS, argv)
     run = training.setup(cfg)
-    common.require_prepared(cfg.data_dir, argv, offline_dir="data/shakespeare")
+    settings.require_prepared(cfg.data_dir, argv, offline_dir="data/shakespeare")
     tok = load_tokenizer(cfg.data_dir)
-    train_data = common.read_array(os.path.join(cfg.data_dir, "train.bin"))
-    val_data = common.read_array(os.path.join(cfg.data_dir, "val.bin"))
+    train_data = files.read_array(os.path.join(cfg.data_dir, "train.bin"))
+    val_data = files.read_array(os.path.join(cfg.data_dir, "val.bin"))
     checkpoint = training.resume_checkpoint(cfg)
     if checkpoint is None and ckpt.is_checkpoint(cfg.init_from):
         # continue another run with its optimizer and step, e.g. a stable-phase WSD checkpoint on new data
@@ -130,7 +128,7 @@ def main(argv=None):
         if len(data) <= cfg.seq_len + 1:
             raise ValueError(f"{cfg.data_dir}/{name} holds {len(data)} tokens, fewer than seq_len={cfg.seq_len}")
         # the token ids are checked once here, against the largest the file records, not in every batch
-        largest = common.array_max_value(os.path.join(cfg.data_dir, name))
+        largest = files.array_max_value(os.path.join(cfg.data_dir, name))
         if largest >= model.config.vocab_size:
             raise ValueError(f"{cfg.data_dir}/{name} holds token id {largest} but the model's vocabulary has "
                              f"{model.config.vocab_size}: set vocab_size > {largest} or use the model's tokenizer")
@@ -162,7 +160,7 @@ def main(argv=None):
         return training.dry_run(cfg, run, model, len(train_data), flops_per_step)
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
     backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
-    peak_flops = common.measure_peak_flops(run.device, run.dtype)
+    peak_flops = devices.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
     if start_step == 0:  # the number every later evaluation is compared with
@@ -222,4 +220,4 @@ def main(argv=None):
     return model
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import common
-import training
-from post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, usable_examples,
+from nanodoge import devices, files, settings, training
+from nanodoge.post_training import (step_indices, micro_batch, get_examples, pad_examples, target_counts, usable_examples,
                            example_lengths, length_sample, check_data, steps_per_run, examples_per_micro_step, load_policy, evaluate_accuracy, scored_positions)
 
 DEFAULTS = dict(
@@ -83,11 +82,11 @@ def evaluate(model, tok, val_set, val_usable, val_counts, test_examples, pad_id,
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = common.load_config(DEFAULTS, argv)
-    common.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
+    cfg = settings.load_config(DEFAULTS, argv)
+    settings.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
     run = training.setup(cfg)
-    train_set = common.read_ragged(os.path.join(cfg.data_dir, "sft_train"))
-    val_set = common.read_ragged(os.path.join(cfg.data_dir, "sft_val"))
+    train_set = files.read_ragged(os.path.join(cfg.data_dir, "sft_train"))
+    val_set = files.read_ragged(os.path.join(cfg.data_dir, "sft_val"))
     model, tok, checkpoint = load_policy(cfg, run.device)
     check_data(tok, model, cfg.data_dir, ["sft_train", "sft_val"], cfg.seq_len)
     test_path = os.path.join(cfg.data_dir, "test.jsonl")
@@ -134,7 +133,7 @@ def main(argv=None):
 
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
     backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
-    peak_flops = common.measure_peak_flops(run.device, run.dtype)
+    peak_flops = devices.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
     if start_step == 0:  # the numbers every later evaluation is compared with
@@ -189,4 +188,4 @@ def main(argv=None):
     return model
 
 if __name__ == "__main__":
-    common.run(main)
+    settings.run(main)

@@ -12,10 +12,8 @@ import time
 import numpy as np
 import pytest
 
-import arithmetic
-import common
+from nanodoge import arithmetic, files, settings, tokenizer as tk
 import prepare_data
-import tokenizer as tk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRICKY = ("  two spaces, a\ttab,\r\nCRLF, trailing spaces   \n\n\nthree newlines, café naïve 中文 🙂 "
@@ -161,28 +159,28 @@ def test_default_run_writes_pretraining_and_post_training_sets(default_data):
     assert meta["tokenizer"] == {"kind": "sentencepiece", "file": "tokenizer.model"}
     assert meta["vocab_size"] == tok.vocab_size == 4096 and meta["eos_id"] == tok.eos_id
     assert meta["special_ids"] == tok.special_ids
-    train, val = common.read_array(shakespeare / "train.bin"), common.read_array(shakespeare / "val.bin")
+    train, val = files.read_array(shakespeare / "train.bin"), files.read_array(shakespeare / "val.bin")
     assert train.dtype == np.uint16 and meta["token_counts"] == {"train": len(train), "val": len(val)}
     assert len(train) > 500_000 and 0.02 < len(val) / len(train) < 0.1
     documents = int((train == tok.eos_id).sum() + (val == tok.eos_id).sum())
     assert documents >= 40 and train[-1] == val[-1] == tok.eos_id
-    assert common.array_max_value(shakespeare / "train.bin") == int(train.max()) < tok.vocab_size  # the header's
+    assert files.array_max_value(shakespeare / "train.bin") == int(train.max()) < tok.vocab_size  # the header's
     # the post-training set uses the very same tokenizer
     assert (post / "tokenizer.model").read_bytes() == (shakespeare / "tokenizer.model").read_bytes()
     post_meta = json.loads((post / "meta.json").read_text())
     assert post_meta["example_counts"] == arithmetic.SPLIT_SIZES
-    sft_tokens = common.read_ragged(str(post / "sft_train"))[0]
+    sft_tokens = files.read_ragged(str(post / "sft_train"))[0]
     assert post_meta["token_counts"]["sft_train"] == len(sft_tokens)
     for prefix in ["sft_train", "sft_val", "dpo_train.chosen", "dpo_train.rejected", "dpo_val.chosen"]:
-        tokens, mask, offsets = common.read_ragged(str(post / prefix))
+        tokens, mask, offsets = files.read_ragged(str(post / prefix))
         assert mask.dtype == np.uint8 and offsets[0] == 0 and np.all(np.diff(offsets) > 0)
     # header checks on load: foreign and truncated files are refused in one line
     (default_data / "foreign.bin").write_bytes(b"not a token file" * 100)
     with pytest.raises(ValueError, match="not a nanodoge array"):
-        common.read_array(default_data / "foreign.bin")
+        files.read_array(default_data / "foreign.bin")
     (default_data / "cut.bin").write_bytes((shakespeare / "val.bin").read_bytes()[:-10])
     with pytest.raises(ValueError, match="truncated"):
-        common.read_array(default_data / "cut.bin")
+        files.read_array(default_data / "cut.bin")
     (default_data / "bad_meta").mkdir()
     (default_data / "bad_meta" / "meta.json").write_text("{nope")
     with pytest.raises(ValueError, match="meta.json"):
@@ -216,7 +214,7 @@ def test_interrupted_run_leaves_no_partial_file(corpus, tmp_path, monkeypatch):
     text = tmp_path / "small.txt"
     text.write_text("\n\n".join(corpus[:2]))
     args = [f"--dataset={text}", "--vocab_size=600"]
-    real_append, calls = common.ArrayWriter.append, []
+    real_append, calls = files.ArrayWriter.append, []
 
     def append_then_die(writer, array):  # the 200th chunk of the post-training sets dies half-way
         if writer.dtype == np.uint8:  # only the ragged sets have masks
@@ -225,10 +223,10 @@ def test_interrupted_run_leaves_no_partial_file(corpus, tmp_path, monkeypatch):
             writer.file.write(np.asarray(array, dtype=writer.dtype).tobytes()[:1])
             raise KeyboardInterrupt
         return real_append(writer, array)
-    monkeypatch.setattr(common.ArrayWriter, "append", append_then_die)
+    monkeypatch.setattr(files.ArrayWriter, "append", append_then_die)
     with pytest.raises(KeyboardInterrupt):
         prepare_data.main(args + [f"--out_dir={tmp_path}/run"])
-    monkeypatch.setattr(common.ArrayWriter, "append", real_append)
+    monkeypatch.setattr(files.ArrayWriter, "append", real_append)
     written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert not [p for p in written if ".tmp" in p.name]
     assert not os.path.exists(calls[-1])  # the file being written is absent, not half there
@@ -289,9 +287,9 @@ def test_a_killed_preparation_resumes_to_the_same_bytes(layout, tmp_path, corpus
     in the hub's layout -- and the result equals an uninterrupted run's byte for byte."""
     rows = write_documents(tmp_path / "train.jsonl", corpus, words=300, count=800)
     # a short pause per written batch: on an idle machine the whole preparation would otherwise end before the kill
-    patches = ("prepare_data.PROGRESS_SECONDS = 0; prepare_data.BATCH_CHARS = 20_000; import common, time; "
-               "append = common.ArrayWriter.append; "
-               "common.ArrayWriter.append = lambda self, array: (time.sleep(0.02), append(self, array))[1]")
+    patches = ("prepare_data.PROGRESS_SECONDS = 0; prepare_data.BATCH_CHARS = 20_000; from nanodoge import files; import time; "
+               "append = files.ArrayWriter.append; "
+               "files.ArrayWriter.append = lambda self, array: (time.sleep(0.02), append(self, array))[1]")
     if layout == "hub layout":  # a hub name, streamed from a local directory in the hub's layout
         os.makedirs(tmp_path / "hub")
         os.replace(rows, tmp_path / "hub" / "train.jsonl")
@@ -393,37 +391,37 @@ def test_peak_memory_does_not_grow_with_the_token_count(tmp_path, corpus, defaul
         _, status, usage = os.wait4(child.pid, 0)
         assert status == 0, child.stdout.read()
         peaks[max_tokens] = usage.ru_maxrss * 1024  # kB on Linux
-        assert len(common.read_array(tmp_path / str(max_tokens) / "docs" / "train.bin")) > 0.9 * max_tokens
+        assert len(files.read_array(tmp_path / str(max_tokens) / "docs" / "train.bin")) > 0.9 * max_tokens
     assert peaks[3_000_000] < peaks[300_000] + 2_000_000, peaks  # the code before this test: +5 MB
 
 
 def test_array_files_record_their_largest_value_and_version_1_stays_readable(tmp_path):
     values = np.array([3, 65_535, 7], dtype=np.uint16)
-    common.write_array(tmp_path / "a.bin", values)
-    assert common.array_max_value(tmp_path / "a.bin") == 65_535
-    assert list(common.read_array(tmp_path / "a.bin")) == [3, 65_535, 7]
-    header = np.fromfile(tmp_path / "a.bin", dtype=np.int32, count=common.HEADER_INTS)
-    assert header[1] == common.ARRAY_VERSION == 2 and header[5] == 65_535
-    common.write_array(tmp_path / "big.bin", np.array([0, 2 ** 40 + 5], dtype=np.int64))
-    assert common.array_max_value(tmp_path / "big.bin") == 2 ** 40 + 5
-    common.write_array(tmp_path / "empty.bin", np.zeros(0, dtype=np.uint8))
-    assert common.array_max_value(tmp_path / "empty.bin") == 0
+    files.write_array(tmp_path / "a.bin", values)
+    assert files.array_max_value(tmp_path / "a.bin") == 65_535
+    assert list(files.read_array(tmp_path / "a.bin")) == [3, 65_535, 7]
+    header = np.fromfile(tmp_path / "a.bin", dtype=np.int32, count=files.HEADER_INTS)
+    assert header[1] == files.ARRAY_VERSION == 2 and header[5] == 65_535
+    files.write_array(tmp_path / "big.bin", np.array([0, 2 ** 40 + 5], dtype=np.int64))
+    assert files.array_max_value(tmp_path / "big.bin") == 2 ** 40 + 5
+    files.write_array(tmp_path / "empty.bin", np.zeros(0, dtype=np.uint8))
+    assert files.array_max_value(tmp_path / "empty.bin") == 0
     header[1], header[5] = 1, 0  # the version-1 layout: no largest value, found by one pass
     (tmp_path / "v1.bin").write_bytes(header.tobytes() + values.tobytes())
-    assert common.array_max_value(tmp_path / "v1.bin") == 65_535
-    assert list(common.read_array(tmp_path / "v1.bin")) == [3, 65_535, 7]
+    assert files.array_max_value(tmp_path / "v1.bin") == 65_535
+    assert list(files.read_array(tmp_path / "v1.bin")) == [3, 65_535, 7]
     header[1] = 3
     (tmp_path / "v3.bin").write_bytes(header.tobytes() + values.tobytes())
     with pytest.raises(ValueError, match="bad magic/version"):
-        common.read_array(tmp_path / "v3.bin")
+        files.read_array(tmp_path / "v3.bin")
     # written in chunks and resumed from a synced state: what came after that state is dropped
-    writer = common.ArrayWriter(tmp_path / "c.bin", tmp_path / "c.partial", np.uint16)
+    writer = files.ArrayWriter(tmp_path / "c.bin", tmp_path / "c.partial", np.uint16)
     writer.append(values[:1])
     state = writer.sync()
     writer.append(np.array([9, 9], dtype=np.uint16))
     writer.file.close()
     assert not (tmp_path / "c.bin").exists()
-    writer = common.ArrayWriter(tmp_path / "c.bin", tmp_path / "c.partial", np.uint16, resume=state)
+    writer = files.ArrayWriter(tmp_path / "c.bin", tmp_path / "c.partial", np.uint16, resume=state)
     writer.append(values[1:])
     writer.close()
     assert (tmp_path / "c.bin").read_bytes() == (tmp_path / "a.bin").read_bytes()
@@ -441,7 +439,7 @@ def test_force_rewrites(tmp_path, corpus):
     prepare_data.main(args + ["--force"])
     assert meta.stat().st_mtime_ns > before
     # one text file is one document: the val split is then its last 1/20 of tokens
-    train, val = (common.read_array(tmp_path / "small" / f"{s}.bin") for s in ("train", "val"))
+    train, val = (files.read_array(tmp_path / "small" / f"{s}.bin") for s in ("train", "val"))
     assert len(val) == (len(train) + len(val)) // prepare_data.VAL_EVERY
 
 def test_fallback_corpus_when_pypi_is_unreachable(monkeypatch, capsys):
@@ -485,12 +483,12 @@ def test_local_files_in_each_hub_schema(default_data, tmp_path):
 
     prepare(sft=smoltalk, dpo=ultrafeedback, grpo=numina)
     out = tmp_path / "out" / "smoltalk+uf+numina"
-    tokens, mask, offsets = common.read_ragged(str(out / "sft_train"))
+    tokens, mask, offsets = files.read_ragged(str(out / "sft_train"))
     assert len(offsets) - 1 == n - n // prepare_data.VAL_EVERY
     first = tokens[offsets[0]:offsets[1]]
     assert tok.decode(first) == "<|im_start|>user\nSay 0<|im_end|>\n<|im_start|>assistant\n0<|im_end|>\n"
     assert tok.decode(first[mask[offsets[0]:offsets[1]] == 1]) == "0<|im_end|>"
-    chosen, rejected = (common.read_ragged(str(out / f"dpo_train.{k}")) for k in ("chosen", "rejected"))
+    chosen, rejected = (files.read_ragged(str(out / f"dpo_train.{k}")) for k in ("chosen", "rejected"))
     for (t, m, o), reply in ((chosen, "good"), (rejected, "bad")):
         assert tok.decode(t[o[0]:o[1]][m[o[0]:o[1]] == 1]) == f"{reply}<|im_end|>"
         assert tok.decode(t[o[0]:o[1]]).startswith("<|im_start|>user\nQ0<|im_end|>")
@@ -500,13 +498,13 @@ def test_local_files_in_each_hub_schema(default_data, tmp_path):
     assert len(grpo) + len(open(out / "test.jsonl").readlines()) == n  # the unboxed rows are skipped
 
     prepare(sft=stratos, dpo="none", grpo="none")
-    tokens, mask, offsets = common.read_ragged(str(tmp_path / "out" / "stratos" / "sft_train"))
+    tokens, mask, offsets = files.read_ragged(str(tmp_path / "out" / "stratos" / "sft_train"))
     example = tok.decode(tokens[offsets[0]:offsets[1]])
     assert tk.SYSTEM_PROMPT in example and "<think>add one</think><answer>1</answer><|im_end|>" in example
 
     prepare(sft=str(tmp_path / "smoltalk.parquet"), dpo="none", grpo="none")
-    parquet = common.read_ragged(str(tmp_path / "out" / "smoltalk" / "sft_train"))
-    jsonl = common.read_ragged(str(out / "sft_train"))
+    parquet = files.read_ragged(str(tmp_path / "out" / "smoltalk" / "sft_train"))
+    jsonl = files.read_ragged(str(out / "sft_train"))
     assert all(np.array_equal(a, b) for a, b in zip(parquet, jsonl))
 
     with pytest.raises(ValueError, match="messages"):
@@ -525,10 +523,10 @@ def test_pretraining_from_local_jsonl_and_parquet_with_gpt2(tmp_path, corpus):
                            "--sft=none", "--dpo=none", "--grpo=none"])
         tok = tk.load_tokenizer(str(out / "docs"))
         assert json.loads((out / "docs" / "meta.json").read_text())["tokenizer"] == {"kind": "tiktoken", "name": "gpt2"}
-        val = common.read_array(out / "docs" / "val.bin")
+        val = files.read_array(out / "docs" / "val.bin")
         # every 20th document is held out, each followed by <|endoftext|>
         assert tok.decode(val) == documents[19] + "<|endoftext|>" + documents[39] + "<|endoftext|>"
-        train = common.read_array(out / "docs" / "train.bin")
+        train = files.read_array(out / "docs" / "train.bin")
         assert int((train == tok.eos_id).sum()) == 38
     with pytest.raises(ValueError, match="'text'"):
         (tmp_path / "wrong.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
@@ -636,7 +634,7 @@ def test_curriculum_files(default_data):
     tok = tk.load_tokenizer(str(default_data / "arithmetic"))
     data = default_data / "arithmetic"
     solution = re.compile(r"<think>((?:[^<]*\n)*)([\d+*-]+)=(\d+)</think><answer>(\d+)</answer><\|im_end\|>")
-    tokens, mask, offsets = common.read_ragged(str(data / "sft_train"))
+    tokens, mask, offsets = files.read_ragged(str(data / "sft_train"))
     sft_questions = set()
     for i in range(len(offsets) - 1):
         ids, m = tokens[offsets[i]:offsets[i + 1]], mask[offsets[i]:offsets[i + 1]]
@@ -645,7 +643,7 @@ def test_curriculum_files(default_data):
         text = tok.decode(ids)
         assert text.startswith(f"<|im_start|>system\n{tk.SYSTEM_PROMPT}<|im_end|>")
         sft_questions.add(text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0])
-    chosen, rejected = (common.read_ragged(str(data / f"dpo_train.{k}")) for k in ("chosen", "rejected"))
+    chosen, rejected = (files.read_ragged(str(data / f"dpo_train.{k}")) for k in ("chosen", "rejected"))
     for i in range(len(chosen[2]) - 1):
         replies = []
         for t, m, o in (chosen, rejected):
@@ -707,7 +705,7 @@ def test_the_doge_20m_data_command_fails_fast_offline(tmp_path, monkeypatch):
 def test_every_shipped_config_names_the_data_it_trains_on(name):
     """Each config's data settings make its data_dir, so `python prepare_data.py config/<name>` prepares it."""
     arguments, data_dir = prepare_data.training_config_arguments(os.path.join(ROOT, "config", name))
-    assert data_dir in [os.path.normpath(d) for d in prepare_data.output_dirs(common.load_config(
+    assert data_dir in [os.path.normpath(d) for d in prepare_data.output_dirs(settings.load_config(
         prepare_data.config, arguments)) if d]
 
 

@@ -20,15 +20,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import bench
-import common
+from nanodoge import devices
 import train_pt
 import train_sft
-from engine import Engine
+from nanodoge.engine import Engine
 from model import Doge, DogeConfig, left_pad
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEVICE = common.setup_distributed("auto").device
-NATIVE, WHY = common.native_dtype(DEVICE)
+DEVICE = devices.setup_distributed("auto").device
+NATIVE, WHY = devices.native_dtype(DEVICE)
 cuda_only = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU")
 
 def fused_attention_only():
@@ -46,7 +46,7 @@ def test_training_and_generation_use_fused_attention():
     print(f"\n{DEVICE}: {WHY}")
     model = small_doge()
     idx = torch.randint(1024, (2, 256), device=DEVICE)
-    with fused_attention_only(), common.autocast(DEVICE, NATIVE):
+    with fused_attention_only(), devices.autocast(DEVICE, NATIVE):
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
         model.eval()
@@ -64,7 +64,7 @@ def test_native_precision_training_step_is_near_float32():
     grads = {}
     for dtype in ("float32", NATIVE):
         model.zero_grad()
-        with common.autocast(DEVICE, dtype):
+        with devices.autocast(DEVICE, dtype):
             _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
         grads[dtype] = (loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()]))

@@ -3,9 +3,9 @@ keys), and the fused decode step against the model's full forward."""
 import pytest
 import torch
 
-import engine as E
+from nanodoge import engine as E
 import model as M
-from engine import Engine
+from nanodoge.engine import Engine
 
 # the same tiny model as the parity tests: A, residuals and norms moved off their init
 from test_model import make_model, max_diff  # noqa: E402

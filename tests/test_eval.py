@@ -13,8 +13,8 @@ import torch
 
 import eval as ev
 from conftest import write_bpe_tokenizer_json
-import tokenizer as tk
-from checkpoint import load_model
+from nanodoge import tokenizer as tk
+from nanodoge.checkpoint import load_model
 from model import Doge, DogeConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,12 +11,12 @@ import subprocess
 import pytest
 import torch
 
-import checkpoint as ckpt
+from nanodoge import checkpoint as ckpt
 import report
 import train_grpo
 import train_sft
 from model import Doge, DogeConfig
-from tokenizer import load_tokenizer
+from nanodoge.tokenizer import load_tokenizer
 from train_grpo import grpo_loss, group_advantages, completion_mask, accuracy_reward, format_reward
 
 # two completions of three tokens; the first has only two (its third position is after EOS)

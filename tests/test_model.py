@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import model as M
-import post_training
+from nanodoge import post_training
 from model import Doge, DogeConfig, sample_next_token
 
 transformers = pytest.importorskip("transformers")

@@ -12,12 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import checkpoint as ckpt
+from nanodoge import checkpoint as ckpt, tokenizer as tk
 import eval as ev
 import sample
-import tokenizer as tk
 import train_pt
-from engine import Engine
+from nanodoge.engine import Engine
 from model import Doge, DogeConfig, KVCache
 
 transformers = pytest.importorskip("transformers")

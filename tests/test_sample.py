@@ -9,11 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import checkpoint as ckpt
+from nanodoge import checkpoint as ckpt, tokenizer as tk
 import sample
 from conftest import write_bpe_tokenizer_json
-from engine import Engine
-import tokenizer as tk
+from nanodoge.engine import Engine
 from model import Doge, DogeConfig, apply_repetition_penalty, sample_next_token
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

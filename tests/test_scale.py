@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint as ckpt
-import common
+from nanodoge import checkpoint as ckpt, files
 import train_dpo
 import train_grpo
 import train_pt
 import train_sft
 from model import Doge, DogeConfig
-from tokenizer import load_tokenizer
+from nanodoge.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS reset is Linux's")
 
@@ -32,23 +31,23 @@ def sparse_array(path, real, count):
     """An array file of `count` items whose first items are `real` and the rest zeros never written."""
     real = np.asarray(real)
     with open(path, "wb") as f:
-        f.write(common.array_header(real.dtype, count, int(real.max())).tobytes())
+        f.write(files.array_header(real.dtype, count, int(real.max())).tobytes())
         f.write(real[:count].tobytes())
-        f.truncate(common.HEADER_INTS * 4 + count * real.dtype.itemsize)
+        f.truncate(files.HEADER_INTS * 4 + count * real.dtype.itemsize)
 
 
 def tiled_ragged(prefix, source, n, length=16):
     """A ragged set of n examples: source's, then copies of `length` tokens (ids 0, every position after the
     first a target) up to n."""
-    tokens, mask, offsets = common.read_ragged(source)
-    first = np.asarray(common.first_targets(source))
+    tokens, mask, offsets = files.read_ragged(source)
+    first = np.asarray(files.first_targets(source))
     extra = n - len(first)
     new_offsets = np.concatenate([offsets, offsets[-1] + length * np.arange(1, extra + 1)]).astype(np.int64)
     sparse_array(f"{prefix}.tokens.bin", np.asarray(tokens), int(new_offsets[-1]))
-    common.write_array(f"{prefix}.mask.bin", np.concatenate([mask, np.tile(np.r_[0, np.ones(length - 1)], extra)
+    files.write_array(f"{prefix}.mask.bin", np.concatenate([mask, np.tile(np.r_[0, np.ones(length - 1)], extra)
                                                               .astype(np.uint8)]))
-    common.write_array(f"{prefix}.offsets.bin", new_offsets)
-    common.write_array(f"{prefix}.first_target.bin", np.concatenate([first, np.ones(extra, np.int64)]))
+    files.write_array(f"{prefix}.offsets.bin", new_offsets)
+    files.write_array(f"{prefix}.first_target.bin", np.concatenate([first, np.ones(extra, np.int64)]))
 
 
 def tiled_jsonl(path, source, n):
@@ -60,7 +59,7 @@ def tiled_jsonl(path, source, n):
         for _ in range(copies):
             f.write(content)
         f.write(content[:lengths[:rest].sum()])
-    common.write_array(common.jsonl_index_path(str(path)), np.concatenate([[0], np.cumsum(np.resize(lengths, n))]))
+    files.write_array(files.jsonl_index_path(str(path)), np.concatenate([[0], np.cumsum(np.resize(lengths, n))]))
 
 def peak_rss_of(function):
     """(CPU seconds, peak resident memory in bytes) of this process while function() runs: CPU time, not wall
@@ -108,9 +107,9 @@ def test_pretraining_starts_alike_on_a_billion_tokens(tiny_data, tmp_path):
     small = tiny_data["prose"]
     def big_train(name, path):
         if name == "train.bin":
-            sparse_array(path, np.asarray(common.read_array(os.path.join(small, name))), BIG_TOKENS)
+            sparse_array(path, np.asarray(files.read_array(os.path.join(small, name))), BIG_TOKENS)
     big = copy_dir(small, tmp_path / "big", big_train)
-    assert len(common.read_array(os.path.join(big, "train.bin"))) == BIG_TOKENS
+    assert len(files.read_array(os.path.join(big, "train.bin"))) == BIG_TOKENS
     args = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
             "--num_key_value_heads=1", "--batch_size=2", "--seq_len=32", "--batch_tokens=64", "--eval_batches=1",
             "--compile=False", *SYSTEM]
@@ -136,7 +135,7 @@ def test_sft_and_dpo_start_alike_on_millions_of_conversations(tiny_data, policy,
             if name == f"{prefix}.offsets.bin":
                 tiled_ragged(path[:-len(".offsets.bin")], os.path.join(small, prefix), BIG_EXAMPLES)
     big = copy_dir(small, tmp_path / "big", big_sets)
-    assert len(common.read_ragged(os.path.join(big, "sft_train"))[2]) == BIG_EXAMPLES + 1
+    assert len(files.read_ragged(os.path.join(big, "sft_train"))[2]) == BIG_EXAMPLES + 1
     common_args = [f"--init_from={policy}", "--batch_size=4", "--batch_examples=4", "--seq_len=128",
                    "--eval_examples=4", "--compile=False", *SYSTEM]
     for stage, main, extra in (("SFT", train_sft.main, ["--max_new_tokens=4"]), ("DPO", train_dpo.main, [])):
@@ -152,7 +151,7 @@ def test_grpo_starts_alike_on_millions_of_prompts(tiny_data, policy, tmp_path):
         if name == "grpo_train.jsonl":
             tiled_jsonl(path, os.path.join(small, name), BIG_PROMPTS)
     big = copy_dir(small, tmp_path / "big", big_prompts)
-    assert len(common.JsonlRows(os.path.join(big, "grpo_train.jsonl"))) == BIG_PROMPTS
+    assert len(files.JsonlRows(os.path.join(big, "grpo_train.jsonl"))) == BIG_PROMPTS
     args = [f"--init_from={policy}", "--prompts_per_step=2", "--num_generations=2", "--batch_size=4",
             "--max_completion_length=4", "--eval_prompts=2", "--eval_generations=1", *SYSTEM]
     runs = {label: peak_rss_of(lambda: train_grpo.main(args + [f"--data_dir={data_dir}",

@@ -11,14 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint as ckpt
-import post_training
+from nanodoge import checkpoint as ckpt, post_training
 import train_dpo
 import train_grpo
 import train_pt
 import train_sft
 from model import Doge, DogeConfig
-from tokenizer import train_sentencepiece
+from nanodoge.tokenizer import train_sentencepiece
 from train_dpo import dpo_loss, sequence_logprobs
 
 # -----------------------------------------------------------------------------

@@ -8,13 +8,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import common
-import post_training
+from nanodoge import devices, post_training, training
 import train_dpo
 import train_pt
 import train_sft
-import training
-from engine import Engine
+from nanodoge.engine import Engine
 from model import Doge, DogeConfig
 
 MODEL = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
@@ -145,11 +143,11 @@ def test_compile_auto_is_on_where_bench_measured_it_faster(monkeypatch):
 def test_compiled_generation_gives_the_eager_tokens(dtype):
     """Engine(compile=True) decodes on plain weights (oneDNN's packed bf16 layout is eager-only): greedy tokens
     equal to the eager engine's, in float32 and, where the CPU computes it, bfloat16."""
-    if dtype == "bfloat16" and not common.cpu_has_native_bf16():
+    if dtype == "bfloat16" and not devices.cpu_has_native_bf16():
         pytest.skip(f"this CPU emulates bfloat16 ({torch.backends.cpu.get_cpu_capability()})")
     model = tiny_model().eval()
     idx = torch.randint(97, (2, 5))
-    with common.autocast(torch.device("cpu"), dtype):
+    with devices.autocast(torch.device("cpu"), dtype):
         eager = Engine(model).generate(idx, 12, temperature=0.0)
         compiled = Engine(model, compile=True).generate(idx, 12, temperature=0.0)
     assert torch.equal(compiled, eager)

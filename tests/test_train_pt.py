@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import checkpoint as ckpt
-import common
+from nanodoge import checkpoint as ckpt, devices, files, settings, training
 import train_pt
-import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
@@ -32,7 +30,7 @@ def log_records(out_dir, key="loss"):
 
 
 def test_wsd_and_cosine_boundaries():
-    lr = lambda step, **kw: common.lr_at(step, 100, 1.0, **kw)
+    lr = lambda step, **kw: training.lr_at(step, 100, 1.0, **kw)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # warmup: 10 steps to the peak
     assert lr(10) == lr(89) == 1.0  # stable
     assert lr(90) == 1.0 and lr(95) == pytest.approx(0.5) and lr(100) == 0.0  # linear decay to min lr
@@ -65,7 +63,7 @@ def test_loss_decreases(data_dir, tmp_path):
     train_pt.main([f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--max_steps=40", "--eval_interval=20",
                    "--learning_rate=2e-2"] + TINY)
     val = log_records(tmp_path, "val_loss")
-    train, held_out = (common.read_array(f"{data_dir}/{split}.bin") for split in ("train", "val"))
+    train, held_out = (files.read_array(f"{data_dir}/{split}.bin") for split in ("train", "val"))
     unigram = train_pt.unigram_loss(train, held_out, 512)
     assert val[-1]["val_loss"] < val[0]["val_loss"] and val[-1]["val_loss"] < unigram - 0.1
     assert os.path.exists(f"{tmp_path}/hf/config.json")  # the final export
@@ -187,7 +185,7 @@ def test_config_files_hold_only_known_keys(name):
     batch divides into micro-batches on 1 and 8 processes."""
     import train_dpo, train_grpo, train_sft
     script = {"doge": train_pt, "sft": train_sft, "dpo": train_dpo, "grpo": train_grpo}[name.split("_")[0]]
-    cfg = common.load_config(script.DEFAULTS, [os.path.join(ROOT, "config", name)])
+    cfg = settings.load_config(script.DEFAULTS, [os.path.join(ROOT, "config", name)])
     if script is train_pt:
         for world_size in (1,) if name == "doge_tiny.py" else (1, 8):
             assert training.grad_accum_steps(cfg.batch_tokens, cfg.batch_size * cfg.seq_len, world_size) >= 1
@@ -245,15 +243,15 @@ def test_dtype_auto_is_native_per_device(monkeypatch):
     on a CPU that would emulate it is kept, with a one-line warning. Every script defaults to auto."""
     import importlib
     cpu = torch.device("cpu")
-    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: False)
-    assert common.resolve_dtype("auto", cpu)[0] == "float32"
-    dtype, line = common.resolve_dtype("bfloat16", cpu)
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.resolve_dtype("auto", cpu)[0] == "float32"
+    dtype, line = devices.resolve_dtype("bfloat16", cpu)
     assert dtype == "bfloat16" and line.startswith("warning:") and "emulated" in line and "\n" not in line
-    monkeypatch.setattr(common, "cpu_has_native_bf16", lambda: True)
-    assert common.resolve_dtype("auto", cpu) == ("bfloat16", "dtype auto: bfloat16 (this CPU has bf16 instructions "
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.resolve_dtype("auto", cpu) == ("bfloat16", "dtype auto: bfloat16 (this CPU has bf16 instructions "
                                                               "(AVX-512 BF16 or AMX))")
     with pytest.raises(ValueError, match="dtype must be"):
-        common.resolve_dtype("fp8", cpu)
+        devices.resolve_dtype("fp8", cpu)
     for script in ("train_pt", "train_sft", "train_dpo", "train_grpo", "sample"):
         assert importlib.import_module(script).DEFAULTS["dtype"] == "auto", script
     for name in os.listdir(os.path.join(ROOT, "config")):

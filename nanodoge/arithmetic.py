@@ -9,7 +9,7 @@ these examples with the chat template and writes them.
 """
 import random
 
-import tokenizer as tk
+from nanodoge import tokenizer as tk
 
 
 SPLIT_SIZES = {"test": 500, "sft_val": 200, "dpo_val": 100,  # held out: unique, disjoint from all training

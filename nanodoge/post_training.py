@@ -9,11 +9,10 @@ import functools
 import numpy as np
 import torch
 
-import common
-import checkpoint as ckpt
-from engine import Engine
+from nanodoge import checkpoint as ckpt, files
+from nanodoge.engine import Engine
 from model import left_pad
-from tokenizer import load_tokenizer, render_chat, extract_answer, normalize_answer
+from nanodoge.tokenizer import load_tokenizer, render_chat, extract_answer, normalize_answer
 
 # -----------------------------------------------------------------------------
 # chat batches: ragged examples -> padded micro-batches
@@ -61,9 +60,9 @@ def target_counts(ragged, indices, max_len):
 def usable_examples(prefixes, max_len):
     """Indices of the examples with a loss token within their first max_len tokens (on every side of a DPO pair):
     the others teach nothing. From the first targets prepare_data.py recorded, not a pass over the masks."""
-    usable = np.ones(len(common.first_targets(prefixes[0])), dtype=bool)
+    usable = np.ones(len(files.first_targets(prefixes[0])), dtype=bool)
     for prefix in prefixes:
-        usable &= np.asarray(common.first_targets(prefix)) < max_len
+        usable &= np.asarray(files.first_targets(prefix)) < max_len
     return np.flatnonzero(usable)
 
 def example_lengths(ragged, indices, max_len):
@@ -101,7 +100,7 @@ def check_data(tok, model, data_dir, names, seq_len):
         raise ValueError(f"{data_dir} was tokenized with another tokenizer than the model's: re-run prepare_data.py "
                          f"with --tokenizer=<the pre-training data dir> and --out_dir=<somewhere new>")
     for name in names:
-        largest = common.array_max_value(os.path.join(data_dir, f"{name}.tokens.bin"))
+        largest = files.array_max_value(os.path.join(data_dir, f"{name}.tokens.bin"))
         if largest >= model.config.vocab_size:
             raise ValueError(f"{data_dir}/{name} holds token id {largest} but the model's vocabulary "
                              f"has {model.config.vocab_size}: the data does not belong to this model")

@@ -9,7 +9,7 @@ import contextlib
 
 import torch.distributed as dist
 
-import checkpoint as ckpt
+from nanodoge import checkpoint as ckpt
 
 class DeepSpeedBackend:
     """ZeRO around a plain torch AdamW (DeepSpeed's own Adam would JIT-build an op); resuming, the engine reloads

@@ -10,9 +10,9 @@ import re
 
 import torch
 
-import common
+from nanodoge import files
 from model import Doge, DogeConfig, pretrained_dir
-from tokenizer import hf_tokenizer, load_tokenizer, model_settings, tokenizer_from_state
+from nanodoge.tokenizer import hf_tokenizer, load_tokenizer, model_settings, tokenizer_from_state
 
 # A file under its final name is complete (the rename is llm.c's "done" marker); the newest keep_last
 # are kept.
@@ -30,7 +30,7 @@ def is_checkpoint(path):
 
 def save_checkpoint(out_dir, step, state, keep_last=2):
     path = os.path.join(out_dir, f"ckpt_{step:07d}.pt")
-    common.atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
+    files.atomic_write(path, lambda tmp_path: torch.save(state, tmp_path))
     for old_path in checkpoint_paths(out_dir)[:-max(1, keep_last)]:
         os.remove(old_path)
     return path

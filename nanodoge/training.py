@@ -19,8 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import common
-import checkpoint as ckpt
+from nanodoge import checkpoint as ckpt, devices, files
 
 # -----------------------------------------------------------------------------
 # the loss, chosen for the device
@@ -83,9 +82,9 @@ def resolve_compile(setting, device):
 def setup(cfg):
     """Processes, device, precision, compile, loss function and seed: a namespace every stage's loop reads.
     The first line printed says which device, dtype and compile setting the run got, and why."""
-    run = common.setup_distributed(cfg.device)
-    run.dtype, dtype_why = common.resolve_dtype(cfg.dtype, run.device)
-    run.autocast = lambda: common.autocast(run.device, run.dtype)
+    run = devices.setup_distributed(cfg.device)
+    run.dtype, dtype_why = devices.resolve_dtype(cfg.dtype, run.device)
+    run.autocast = lambda: devices.autocast(run.device, run.dtype)
     run.compile, compile_why = resolve_compile(getattr(cfg, "compile", False), run.device)
     run.cross_entropy = training_cross_entropy(run.device, run.compile)
     torch.manual_seed(cfg.seed + run.rank)
@@ -139,8 +138,8 @@ def make_optimizer(cfg, run, model, checkpoint=None):
     return optimizer, checkpoint["step"]
 
 def set_learning_rate(optimizer, step, cfg):
-    """The schedule's learning rate for this step (common.lr_at), set on every parameter group."""
-    lr = common.lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio, cfg.decay_ratio,
+    """The schedule's learning rate for this step (lr_at), set on every parameter group."""
+    lr = lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio, cfg.decay_ratio,
                       cfg.min_lr_rate, cfg.decay_shape)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -163,7 +162,7 @@ def make_backend(cfg, run, model, optimizer, grad_accum, checkpoint):
         raise ValueError(f"{cfg.init_from}: the checkpoint's optimizer state was written with backend="
                          f"{checkpoint['config'].get('backend')}: continue it with that --backend")
     if cfg.backend == "deepspeed":
-        import deepspeed_zero
+        from nanodoge import deepspeed_zero
         return deepspeed_zero.DeepSpeedBackend(cfg, run, model, optimizer, grad_accum, checkpoint)
     return DDPBackend(run, model, optimizer, compiled=run.compile)
 
@@ -264,7 +263,7 @@ def truncate_log(run, log_path, keep):
     if run.master and os.path.exists(log_path):
         with open(log_path) as f:
             records = [line for line in f if keep(json.loads(line))]
-        common.write_file(log_path, "".join(records))
+        files.write_file(log_path, "".join(records))
 
 def export(cfg):
     """The newest checkpoint of out_dir as a Hugging Face-format directory (config.json, model.safetensors) with
@@ -343,7 +342,35 @@ def dry_run(cfg, run, model, train_tokens, flops_per_step):
           + f" (a micro-batch of {cfg.batch_size} x {cfg.seq_len} in {dtype}) = {gb(sum(memory.values()))}")
     seconds = lambda peak: flops_per_step * cfg.max_steps / (STATED_MFU * peak * run.world_size)
     times = [f"{name} ({tflops} TFLOP/s) {seconds(tflops * 1e12) / 3600:.2f} h" for name, tflops in GPU_PEAK_TFLOPS.items()]
-    peak = common.measure_peak_flops(run.device, run.dtype)
+    peak = devices.measure_peak_flops(run.device, run.dtype)
     times.append(f"this {run.device.type} ({peak / 1e12:.3f} TFLOP/s measured, {run.dtype}) {seconds(peak) / 3600:.1f} h")
     print(f"  time      at {STATED_MFU:.0%} MFU on {run.world_size} of each: " + "; ".join(times))
     return memory
+# -----------------------------------------------------------------------------
+# learning-rate schedules
+
+def lr_at(step, max_steps, learning_rate, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
+          min_lr_rate=0.0, decay_shape="linear"):
+    """Warmup-stable-decay (linear warmup to the peak, constant, then decay to min_lr_rate x peak in the
+    last decay_ratio of training; the decay is linear or 1-sqrt, arXiv 2405.18392), or warmup + cosine.
+    WSD lets training continue from any stable-phase checkpoint: only the final decay is re-run."""
+    warmup_steps = int(warmup_ratio * max_steps)
+    min_lr = min_lr_rate * learning_rate
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule != "wsd":
+        raise ValueError(f"schedule must be 'wsd' or 'cosine', got {schedule!r}")
+    decay_start = max_steps - int(decay_ratio * max_steps)
+    if step < decay_start:
+        return learning_rate
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    if decay_shape == "linear":
+        remaining = 1 - progress
+    elif decay_shape == "sqrt":
+        remaining = 1 - math.sqrt(progress)
+    else:
+        raise ValueError(f"decay_shape must be 'linear' or 'sqrt', got {decay_shape!r}")
+    return min_lr + (learning_rate - min_lr) * remaining

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-import common
+from nanodoge import devices
 from model import KVCache, apply_rope, attention_with_bias, check_generation, dynamic_mask, eos_tensor, \
     next_tokens, rms_norm
 
@@ -35,7 +35,7 @@ def fast_linear(weight, bias=None, packed=True):
     """x -> x @ weight^T + bias for the decode step's few rows, in the layout that is fastest on weight's device.
     packed=False leaves out oneDNN's blocked bf16 layout: torch.compile cannot trace its op (inductor raised an
     InductorError on it), and packs bf16 weights for oneDNN itself."""
-    if packed and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and common.cpu_has_native_bf16():
+    if packed and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and devices.cpu_has_native_bf16():
         blocked = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # oneDNN's blocked layout, once
         return lambda x: torch.ops.mkldnn._linear_pointwise(x, blocked, bias, "none", [], "")
     if weight.device.type == "cpu":

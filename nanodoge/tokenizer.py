@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 
-import common
+from nanodoge import files
 
 # The special tokens every kind reserves. <|endoftext|> separates pre-training documents; the chat
 # control tokens frame turns (ChatML); the reasoning tags frame worked steps and the final answer.
@@ -145,13 +145,13 @@ class Tokenizer:
             entry.update(model_vocab_size=self._state.get("model_vocab_size"), model_eos_id=self.eos_id)
         if kind != "tiktoken":
             data = self._state["model" if kind == "sentencepiece" else "json"]
-            common.write_file(os.path.join(directory, entry["file"]), data)
+            files.write_file(os.path.join(directory, entry["file"]), data)
         if self.chat_template:  # where transformers keeps it, so both read the same template
             config = {key: self._state[key] for key in ("chat_template", "bos_token", "eos_token")}
-            common.write_file(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2))
+            files.write_file(os.path.join(directory, "tokenizer_config.json"), json.dumps(config, indent=2))
         info = {"tokenizer": entry, "vocab_size": self.vocab_size, "special_ids": self.special_ids,
                 "eos_id": self.eos_id, **meta}
-        common.write_file(os.path.join(directory, "meta.json"), json.dumps(info, indent=2))
+        files.write_file(os.path.join(directory, "meta.json"), json.dumps(info, indent=2))
 
     def special_id(self, name):
         """The id of one of nanodoge's special tokens; None for one a Hugging Face tokenizer lacks."""
@@ -383,7 +383,7 @@ def gpt2_encoding():
             if member is None:
                 raise ValueError(f"{sdist} has no whisper/assets/gpt2.tiktoken: delete it and retry")
             data = tar.extractfile(member).read()
-        common.write_file(ranks_path, data)
+        files.write_file(ranks_path, data)
     with open(ranks_path, "rb") as f:
         data = f.read()
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
