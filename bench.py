@@ -3,8 +3,10 @@ Speed of model.py (training) and engine.py (generation) against transformers' Do
 the same run: training-step tokens/s and MFU (fwd + bwd + AdamW) in float32 and, where the device computes it
 natively, under bfloat16 autocast, eagerly and with --compile; greedy generation tokens/s (batch 1) and time to
 first token for a long prompt. Each speed trick has its row beside the plain path it replaces: the chunked
-training loss against F.cross_entropy, the Engine against model.generate. MFU is against a peak measured here
-(back-to-back large matmuls in the same dtype), not a datasheet number. GPU timers synchronize.
+training loss against F.cross_entropy, the Engine against model.generate; and the compiled step has its row with
+the deterministic setting that deterministic=auto does not pick (training.resolve_deterministic): what exact
+resume costs. MFU is against a peak measured here (back-to-back large matmuls in the same dtype), not a
+datasheet number. GPU timers synchronize.
 
     python bench.py                         # Doge-20M shape, B=8, T=512
     python bench.py --compile=True          # also torch.compile rows where auto leaves them out (about a minute
@@ -19,7 +21,7 @@ import torch
 from nanodoge import devices, settings
 from nanodoge.engine import Engine
 from model import Doge, DogeConfig
-from nanodoge.training import training_cross_entropy, resolve_compile
+from nanodoge.training import training_cross_entropy, resolve_compile, resolve_deterministic
 
 DEFAULTS = dict(
     # model shape (Doge-20M)
@@ -47,14 +49,16 @@ def reference_model(config):
 
 def time_training(runs, cfg, device, dtype):
     """Tokens/s of full optimizer steps (forward, backward, AdamW) on random tokens for each (label, module,
-    loss_fn) of runs: their steps interleaved so that every run meets the same machine, and the median step of
-    each, as a shared machine's noise moves single steps by tens of percent."""
+    loss_fn, deterministic) of runs, each step under torch's deterministic algorithms or not: their steps
+    interleaved so that every run meets the same machine, and the median step of each, as a shared machine's
+    noise moves single steps by tens of percent."""
     idx = torch.randint(cfg.vocab_size, (cfg.batch_size, cfg.seq_len + 1), device=device)
     sync = lambda: devices.synchronize(device)
-    optimizers = [torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda") for _, module, _ in runs]
+    optimizers = [torch.optim.AdamW(module.parameters(), lr=1e-4, fused=device.type == "cuda") for _, module, *_ in runs]
     seconds = [[] for _ in runs]
     for step in range(cfg.warmup_steps + cfg.timed_steps):
-        for (label, module, loss_fn), optimizer, times in zip(runs, optimizers, seconds):
+        for (label, module, loss_fn, deterministic), optimizer, times in zip(runs, optimizers, seconds):
+            torch.use_deterministic_algorithms(deterministic)  # a compiled module recompiles for each setting once
             sync()
             start = time.perf_counter()
             with devices.autocast(device, dtype):
@@ -146,7 +150,9 @@ def main(argv=None):
           f"T={cfg.seq_len}; {torch.get_num_threads()} threads on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else torch.backends.cpu.get_cpu_capability()})")
     compiled, why = resolve_compile(cfg.compile, device)
-    print(why)
+    deterministic_auto, deterministic_why = resolve_deterministic("auto", device, compiled=True)
+    other = f"nanodoge deterministic={not deterministic_auto}"  # the compiled row with the setting auto did not pick
+    print(f"{why} | compiled training: {deterministic_why}")
     reference = None
     if cfg.reference:
         try:
@@ -164,18 +170,25 @@ def main(argv=None):
         peaks[dtype] = peak = devices.measure_peak_flops(device, dtype)
         print(f"{dtype}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
         # the loss the training loop uses on this device, and, where that is the chunked one, the plain one
-        runs = {("nanodoge", dtype, False): (model, ours_loss(training_cross_entropy(device, compiled=False)))}
+        runs = {("nanodoge", dtype, False): (model, ours_loss(training_cross_entropy(device, compiled=False)), False)}
         if training_cross_entropy(device, compiled=False) is not None:
-            runs[("nanodoge F.cross_entropy", dtype, False)] = (model, ours_loss(None))
-        if compiled:  # as the training scripts compile it
-            runs[("nanodoge", dtype, True)] = (torch.compile(model, fullgraph=True), ours_loss(None))
+            runs[("nanodoge F.cross_entropy", dtype, False)] = (model, ours_loss(None), False)
+        if compiled:  # as the training scripts compile it, and with the other deterministic setting: what auto's costs
+            compiled_model = torch.compile(model, fullgraph=True)
+            runs[("nanodoge", dtype, True)] = (compiled_model, ours_loss(None), deterministic_auto)
+            runs[(other, dtype, True)] = (compiled_model, ours_loss(None), not deterministic_auto)
         if reference is not None:
-            runs[("transformers", dtype, False)] = (reference, reference_loss)
+            runs[("transformers", dtype, False)] = (reference, reference_loss, False)
         labels = [f"{who} {dtype}{' compiled' if compiled else ''}" for who, dtype, compiled in runs]
         rates = time_training([(label, *run) for label, run in zip(labels, runs.values())], cfg, device, dtype)
         for key, label, tokens_per_s in zip(runs, labels, rates):
             results[key] = tokens_per_s
-            print(f"train {label:32s} {tokens_per_s:8.0f} tokens/s  MFU {flops_per_token * tokens_per_s / peak:6.1%}")
+            print(f"train {label:45s} {tokens_per_s:8.0f} tokens/s  MFU {flops_per_token * tokens_per_s / peak:6.1%}")
+        if compiled:
+            ratio = results[("nanodoge", dtype, True)] / results[(other, dtype, True)]
+            print(f"train {dtype} compiled, deterministic={deterministic_auto} (auto) / {not deterministic_auto}: "
+                  f"{ratio:.2f}x")
+    torch.use_deterministic_algorithms(False)  # generation below runs eager, as sample.py does
 
     model.eval()
     dtypes = sorted({dtype for _, dtype, _ in results}, reverse=True)  # float32 first; those not skipped

@@ -63,6 +63,7 @@ DEFAULTS = dict(
     decay_shape="linear", weight_decay=0.0, beta1=0.9, beta2=0.99, grad_clip=1.0,
     # system
     seed=1337, device="auto", dtype="auto",
+    deterministic="auto",  # auto | True | False: auto is on for compiled training on a CPU (training.resolve_deterministic)
 )
 
 # -----------------------------------------------------------------------------

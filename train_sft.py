@@ -42,6 +42,7 @@ DEFAULTS = dict(
     # system
     seed=1337, device="auto", dtype="auto", backend="ddp", zero_stage=2,
     compile="auto",  # auto | True | False: auto compiles where it is faster (training.resolve_compile)
+    deterministic="auto",  # auto | True | False: auto is on for compiled training on a CPU (training.resolve_deterministic)
 )
 
 # -----------------------------------------------------------------------------

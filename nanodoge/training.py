@@ -79,20 +79,40 @@ def resolve_compile(setting, device):
         return True, f"compile auto: on (this CPU has {capability})"
     return False, f"compile auto: off ({capability}: eager measured as fast)"
 
+def resolve_deterministic(setting, device, compiled):
+    """(whether to run torch's deterministic algorithms, a line that says why). auto turns them on for compiled
+    training on a CPU: there inductor adds the embedding's gradient rows (an index_put over the token ids) with
+    atomic adds from several threads, whose order, and so the float rounding, changes run to run and a resumed
+    run drifts from the uninterrupted one; deterministic mode makes inductor fall back to ATen's serial kernel
+    (bench.py: the cost). Eager CPU kernels are deterministic already. On CUDA auto leaves it off, as it costs
+    speed there: --deterministic=True for bit-exact runs (with cuBLAS's fixed workspace)."""
+    if setting not in ("auto", "True", "False", True, False):
+        raise ValueError(f"deterministic must be auto, True or False, got {setting!r}")
+    if setting != "auto":
+        return setting in ("True", True), f"deterministic {setting in ('True', True)}"
+    if device.type == "cpu" and compiled:
+        return True, "deterministic auto: on (compiled on a CPU)"
+    return False, "deterministic auto: off"
+
 def setup(cfg):
-    """Processes, device, precision, compile, loss function and seed: a namespace every stage's loop reads.
-    The first line printed says which device, dtype and compile setting the run got, and why."""
+    """Processes, device, precision, compile, deterministic kernels, loss function and seed: a namespace every
+    stage's loop reads. The first line printed says which device, dtype, compile and deterministic setting the
+    run got, and why."""
     run = devices.setup_distributed(cfg.device)
     run.dtype, dtype_why = devices.resolve_dtype(cfg.dtype, run.device)
     run.autocast = lambda: devices.autocast(run.device, run.dtype)
     run.compile, compile_why = resolve_compile(getattr(cfg, "compile", False), run.device)
     run.cross_entropy = training_cross_entropy(run.device, run.compile)
+    deterministic, deterministic_why = resolve_deterministic(cfg.deterministic, run.device, run.compile)
+    if deterministic and run.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)  # set either way: a process may run several stages
     torch.manual_seed(cfg.seed + run.rank)
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if run.master:
-        print(f"{run.device} | {dtype_why} | {compile_why}", flush=True)
+        print(f"{run.device} | {dtype_why} | {compile_why} | {deterministic_why}", flush=True)
         os.makedirs(cfg.out_dir, exist_ok=True)
     return run
 
@@ -346,6 +366,7 @@ def dry_run(cfg, run, model, train_tokens, flops_per_step):
     times.append(f"this {run.device.type} ({peak / 1e12:.3f} TFLOP/s measured, {run.dtype}) {seconds(peak) / 3600:.1f} h")
     print(f"  time      at {STATED_MFU:.0%} MFU on {run.world_size} of each: " + "; ".join(times))
     return memory
+
 # -----------------------------------------------------------------------------
 # learning-rate schedules
 

@@ -255,7 +255,7 @@ def test_every_task_end_to_end_on_local_files(samples, hf_dir, tmp_path, capsys)
                 for a in range(3)]
     (arithmetic_dir / "test.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
     ev.main([f"--init_from={hf_dir}", f"--data_dir={samples}", f"--arithmetic_dir={arithmetic_dir}",
-             "--num_fewshot=3", "--max_new_tokens=8", f"--out_dir={tmp_path}",
+             "--num_fewshot=3", "--max_new_tokens=8", f"--out_dir={tmp_path}", "--dtype=float32",
              "--tasks=" + ",".join(list(ev.TASKS) + ["arithmetic"])])
     results = json.loads((tmp_path / "eval.json").read_text())["tasks"]
     rows = sample_rows()

@@ -231,12 +231,14 @@ def test_hugging_face_directory(tmp_path, tiny_text, capsys, monkeypatch):
     ids = hf_tok.encode(prompt)
     reply = greedy_by_hand(hf_model, ids, 8)[len(ids):]
     reply = reply[:reply.index(hf_tok.eos_id)] if hf_tok.eos_id in reply else reply
-    sample.main([f"--init_from={tmp_path}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=8"])
+    sample.main([f"--init_from={tmp_path}", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=8",
+                 "--dtype=float32"])  # the reference's dtype: auto is bf16 on some CPUs
     assert capsys.readouterr().out == prompt + hf_tok.decode(reply) + "\n---------------\n"
     # by hub id: the snapshot (here, the same directory in place of a download) gives model and tokenizer
     import model as M
     monkeypatch.setattr(M, "download_from_hub", lambda hub_id: str(tmp_path))
-    sample.main(["--init_from=SmallDoge/Doge-tiny", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=8"])
+    sample.main(["--init_from=SmallDoge/Doge-tiny", f"--prompt={prompt}", "--temperature=0", "--max_new_tokens=8",
+                 "--dtype=float32"])
     assert capsys.readouterr().out == prompt + hf_tok.decode(reply) + "\n---------------\n"
 
 # -----------------------------------------------------------------------------
@@ -280,7 +282,7 @@ def run_cli(args, stdin=""):
 
 
 def test_cli_chat_through_stdin(ckpt_dir, model, tok):
-    result = run_cli([f"--init_from={ckpt_dir}", "--chat", "--temperature=0", "--max_new_tokens=8"],
+    result = run_cli([f"--init_from={ckpt_dir}", "--chat", "--temperature=0", "--max_new_tokens=8", "--dtype=float32"],
                      stdin="To be or not\n/reset\nwhat light\n/exit\n")
     assert result.returncode == 0, result.stderr
     expected = []

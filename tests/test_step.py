@@ -1,7 +1,7 @@
 """The training step as the device sees it: the micro-steps of pre-training, SFT and DPO read nothing back to the
 host (counted with a TorchDispatchMode on the CPU; tests/test_device.py runs the same under CUDA's sync debug
 mode), the training forward with targets compiles to one graph without recompiling per batch, compile=auto's
-choice, and compiled generation gives the eager tokens."""
+and deterministic=auto's choices, and compiled generation gives the eager tokens."""
 import contextlib
 
 import pytest
@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanodoge import devices, post_training, training
 import train_dpo
+import train_grpo
 import train_pt
 import train_sft
 from nanodoge.engine import Engine
@@ -137,6 +138,19 @@ def test_compile_auto_is_on_where_bench_measured_it_faster(monkeypatch):
         training.resolve_compile("yes", cpu)
     for script in (train_pt, train_sft, train_dpo):
         assert script.DEFAULTS["compile"] == "auto"
+
+
+def test_deterministic_auto_is_on_for_compiled_training_on_a_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training.resolve_deterministic("auto", cpu, compiled=True) == (True, "deterministic auto: on (compiled on a CPU)")
+    assert training.resolve_deterministic("auto", cpu, compiled=False)[0] is False  # eager CPU kernels already are
+    assert training.resolve_deterministic("auto", cuda, compiled=True)[0] is False  # it costs speed there
+    assert training.resolve_deterministic("True", cuda, compiled=True)[0] is True  # --deterministic=True, as typed
+    assert training.resolve_deterministic("False", cpu, compiled=True)[0] is False
+    with pytest.raises(ValueError, match="deterministic must be auto, True or False"):
+        training.resolve_deterministic("yes", cpu, compiled=True)
+    for script in (train_pt, train_sft, train_dpo, train_grpo):
+        assert script.DEFAULTS["deterministic"] == "auto"
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
