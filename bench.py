@@ -12,13 +12,20 @@ datasheet number. GPU timers synchronize.
     python bench.py --compile=True          # also torch.compile rows where auto leaves them out (about a minute
                                             # per dtype on a cold cache); --compile=False: eager rows only
     python bench.py --dtypes=float32 --reference=False
+    python bench.py --startup=True          # each stage's start on recipe-sized data against the offline default's
 """
+import os
+import sys
 import time
+import shutil
+import tempfile
 import statistics
+import subprocess
 
+import numpy as np
 import torch
 
-from nanodoge import devices, settings
+from nanodoge import devices, files, settings
 from nanodoge.engine import Engine
 from model import Doge, DogeConfig
 from nanodoge.training import training_cross_entropy, resolve_compile, resolve_deterministic
@@ -37,6 +44,9 @@ DEFAULTS = dict(
     encode=True,
     # system
     device="auto", seed=1337, reference=True,  # reference: also measure transformers' DogeForCausalLM
+    # instead of the above: seconds and peak RSS of each stage's start and first step on recipe-sized data (made
+    # sparse from the offline default's: prepare it first) against the same on the offline default's
+    startup=False, data_root="data",
 )
 MODEL_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "tie_word_embeddings"]
@@ -140,6 +150,8 @@ def time_encoding():
 
 def main(argv=None):
     cfg = settings.load_config(DEFAULTS, argv)
+    if cfg.startup:
+        return time_startups(cfg.data_root)
     device = devices.setup_distributed(cfg.device).device
     torch.manual_seed(cfg.seed)
     config = DogeConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS})
@@ -246,6 +258,94 @@ def main(argv=None):
                   f"{rate / ref_rate:.2f}x tokens/s"
                   f"{f' ({rate / ref_fp32[0]:.1f}x its float32)' if dtype != 'float32' and ref_fp32 else ''}, "
                   f"time to first token {ref_ttft / ttft:.1f}x faster")
+
+# -----------------------------------------------------------------------------
+# starting on recipe-sized data: sparse files (a valid header, zeros past the real content) of the recipes' sizes
+
+def sparse_array(path, real, count):
+    """An array file of `count` items whose first items are `real` and the rest zeros never written."""
+    real = np.asarray(real)
+    with open(path, "wb") as f:
+        f.write(files.array_header(real.dtype, count, int(real.max())).tobytes())
+        f.write(real[:count].tobytes())
+        f.truncate(files.HEADER_INTS * 4 + count * real.dtype.itemsize)
+
+def tiled_ragged(prefix, source, n, length=16):
+    """A ragged set of n examples: source's, then examples of `length` tokens (ids 0, every position after the
+    first a target) up to n."""
+    tokens, mask, offsets = files.read_ragged(source)
+    first = np.asarray(files.first_targets(source))
+    extra = n - len(first)
+    new_offsets = np.concatenate([offsets, offsets[-1] + length * np.arange(1, extra + 1)]).astype(np.int64)
+    sparse_array(f"{prefix}.tokens.bin", np.asarray(tokens), int(new_offsets[-1]))
+    files.write_array(f"{prefix}.mask.bin", np.concatenate([mask, np.tile(np.r_[0, np.ones(length - 1)], extra)
+                                                             .astype(np.uint8)]))
+    files.write_array(f"{prefix}.offsets.bin", new_offsets)
+    files.write_array(f"{prefix}.first_target.bin", np.concatenate([first, np.ones(extra, np.int64)]))
+
+def tiled_jsonl(path, source, n):
+    """A .jsonl set of n rows (source's, repeated) with its line index, as prepare_data.py writes them."""
+    content = open(source, "rb").read()
+    lengths = np.array([len(line) for line in content.splitlines(keepends=True)], dtype=np.int64)
+    copies, rest = divmod(n, len(lengths))
+    with open(path, "wb") as f:
+        for _ in range(copies):
+            f.write(content)
+        f.write(content[:lengths[:rest].sum()])
+    files.write_array(files.jsonl_index_path(str(path)), np.concatenate([[0], np.cumsum(np.resize(lengths, n))]))
+
+def recipe_sized(source, target, tokens=None, examples=None):
+    """A copy of a prepared data dir whose train sets hold `tokens` tokens (pre-training) or `examples`
+    conversations, pairs and prompts (post-training)."""
+    shutil.copytree(source, target)
+    if tokens:
+        sparse_array(os.path.join(target, "train.bin"), files.read_array(os.path.join(source, "train.bin")), tokens)
+    if examples:
+        for prefix in ("sft_train", "dpo_train.chosen", "dpo_train.rejected"):
+            tiled_ragged(os.path.join(target, prefix), os.path.join(source, prefix), examples)
+        tiled_jsonl(os.path.join(target, "grpo_train.jsonl"), os.path.join(source, "grpo_train.jsonl"), examples)
+    return target
+
+def run_measured(command):
+    """(wall seconds, peak RSS bytes) of a child process."""
+    begin = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    if status:
+        raise RuntimeError(f"{' '.join(command)} failed: {child.stderr.read().decode()[-2000:]}")
+    return time.perf_counter() - begin, usage.ru_maxrss * 1024
+
+def time_startups(data_root):
+    """Each stage from a cold start through its first optimizer step (a tiny model, so what grows is the data's
+    share): on the offline default's data and on copies of the recipes' sizes."""
+    tiny = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
+            "--num_key_value_heads=1"]
+    system = ["--device=cpu", "--dtype=float32", "--max_steps=1", "--log_interval=1"]
+    pre, post = os.path.join(data_root, "shakespeare"), os.path.join(data_root, "arithmetic")
+    stages = {"pre-training": ["train_pt.py", *tiny, "--seq_len=32", "--batch_size=2", "--batch_tokens=64",
+                               "--eval_batches=1", "--compile=False"],
+              "SFT": ["train_sft.py", "--batch_size=4", "--batch_examples=4", "--seq_len=128", "--eval_examples=4",
+                      "--max_new_tokens=4", "--compile=False"],
+              "DPO": ["train_dpo.py", "--batch_size=4", "--batch_examples=4", "--seq_len=128", "--eval_examples=4",
+                      "--compile=False"],
+              "GRPO": ["train_grpo.py", "--prompts_per_step=2", "--num_generations=2", "--batch_size=4",
+                       "--max_completion_length=4", "--eval_prompts=2", "--eval_generations=1"]}
+    with tempfile.TemporaryDirectory() as work:
+        policy = f"{work}/policy"  # the tiny model the post-training stages start from
+        run_measured([sys.executable, "train_pt.py", *tiny, *system, "--compile=False", f"--data_dir={pre}",
+                      f"--out_dir={policy}", "--seq_len=32", "--batch_size=2", "--batch_tokens=64"])
+        big_post = recipe_sized(post, f"{work}/post", examples=1_000_000)
+        runs = [("pre-training", "offline default", pre),
+                ("pre-training", "4.2B tokens (Doge-20M)", recipe_sized(pre, f"{work}/pt4", tokens=4_200_000_000)),
+                ("pre-training", "64B tokens (Doge-320M)", recipe_sized(pre, f"{work}/pt64", tokens=64_000_000_000))]
+        for stage in ("SFT", "DPO", "GRPO"):
+            runs += [(stage, "offline default", post), (stage, "1M examples", big_post)]
+        print("| stage | data | seconds to the first step's end | peak RSS |\n|---|---|---|---|")
+        for i, (stage, label, data_dir) in enumerate(runs):
+            start = [] if stage == "pre-training" else [f"--init_from={policy}"]
+            seconds, rss = run_measured([sys.executable, *stages[stage], *system, *start, f"--data_dir={data_dir}",
+                                         f"--out_dir={work}/out{i}"])
+            print(f"| {stage} | {label} | {seconds:.1f} | {rss / 2 ** 20:.0f} MB |", flush=True)
 
 if __name__ == "__main__":
     settings.run(main)

@@ -13,6 +13,7 @@ import torch
 
 from nanodoge import checkpoint as ckpt, files
 import train_dpo
+from bench import sparse_array, tiled_jsonl, tiled_ragged
 import train_grpo
 import train_pt
 import train_sft
@@ -26,40 +27,6 @@ BIG_TOKENS = 2 ** 30  # a 2 GiB train.bin: a whole-file pass would take seconds 
 BIG_EXAMPLES = 4_000_000  # conversations and pairs
 BIG_PROMPTS = 1_000_000
 
-
-def sparse_array(path, real, count):
-    """An array file of `count` items whose first items are `real` and the rest zeros never written."""
-    real = np.asarray(real)
-    with open(path, "wb") as f:
-        f.write(files.array_header(real.dtype, count, int(real.max())).tobytes())
-        f.write(real[:count].tobytes())
-        f.truncate(files.HEADER_INTS * 4 + count * real.dtype.itemsize)
-
-
-def tiled_ragged(prefix, source, n, length=16):
-    """A ragged set of n examples: source's, then copies of `length` tokens (ids 0, every position after the
-    first a target) up to n."""
-    tokens, mask, offsets = files.read_ragged(source)
-    first = np.asarray(files.first_targets(source))
-    extra = n - len(first)
-    new_offsets = np.concatenate([offsets, offsets[-1] + length * np.arange(1, extra + 1)]).astype(np.int64)
-    sparse_array(f"{prefix}.tokens.bin", np.asarray(tokens), int(new_offsets[-1]))
-    files.write_array(f"{prefix}.mask.bin", np.concatenate([mask, np.tile(np.r_[0, np.ones(length - 1)], extra)
-                                                              .astype(np.uint8)]))
-    files.write_array(f"{prefix}.offsets.bin", new_offsets)
-    files.write_array(f"{prefix}.first_target.bin", np.concatenate([first, np.ones(extra, np.int64)]))
-
-
-def tiled_jsonl(path, source, n):
-    """A .jsonl set of n rows (source's, repeated) with its line index, as prepare_data.py writes them."""
-    content = open(source, "rb").read()
-    lengths = np.array([len(line) for line in content.splitlines(keepends=True)], dtype=np.int64)
-    copies, rest = divmod(n, len(lengths))
-    with open(path, "wb") as f:
-        for _ in range(copies):
-            f.write(content)
-        f.write(content[:lengths[:rest].sum()])
-    files.write_array(files.jsonl_index_path(str(path)), np.concatenate([[0], np.cumsum(np.resize(lengths, n))]))
 
 def peak_rss_of(function):
     """(CPU seconds, peak resident memory in bytes) of this process while function() runs: CPU time, not wall
