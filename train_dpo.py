@@ -255,12 +255,14 @@ def main(argv=None):
                 # DDP all-reduces the gradients in the last micro-step's backward only
                 skip_all_reduce = ddp and micro_step < grad_accum - 1
                 with model_to_call.no_sync() if skip_all_reduce else contextlib.nullcontext():
-                    with devices.autocast(run.device, run.dtype):  # DPO eq. 7 (plus RPO's NLL term), the mean over this micro-batch's pairs
+                    with devices.autocast(run.device, run.dtype):  # DPO eq. 7 (plus RPO's NLL term)
                         loss, metrics = pair_loss(model_to_call, ids, mask, ref_chosen, ref_rejected, cfg.beta,
                                                   cfg.label_smoothing, cfg.loss_type, cfg.rpo_alpha)
-                    loss = loss / grad_accum  # this micro-step's share of the step's mean
-                    for key, value in dict(loss=loss.detach() * grad_accum, **metrics).items():
-                        sums[key] = sums.get(key, 0.0) + value / grad_accum
+                    # loss and metrics are means over this micro-batch's pairs; the micro-batches are equal in size,
+                    # so each one's share of the step's means is 1/grad_accum of its own
+                    loss, metrics = loss / grad_accum, {key: value / grad_accum for key, value in metrics.items()}
+                    for key, share in dict(loss=loss.detach(), **metrics).items():
+                        sums[key] = sums.get(key, 0.0) + share
                     if engine is None:
                         scaler.scale(loss).backward()
                     else:  # loss is already its share: the engine must not divide by the accumulation steps again

@@ -186,9 +186,9 @@ def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, run
     micro-batches of cfg.batch_size rows; model is in DDP across several processes, which all-reduces the
     gradients in the last micro-batch's backward only. A micro-batch's loss is its part of the step's loss
     (grpo_loss with the step's totals over all processes) times the number of processes, as DDP averages the
-    processes' gradients: neither batch_size nor the number of processes changes the step. Returns (this
-    process's share of the step's loss, log-probs [N, L-1]), both on the device: nothing is read back to the host
-    here. old_logps: None when pi_old = pi (on-policy)."""
+    processes' gradients: neither batch_size nor the number of processes changes the step. Returns (the sum of
+    those losses: this process's loss, whose mean over the processes is the step's; log-probs [N, L-1]), both on
+    the device: nothing is read back to the host here. old_logps: None when pi_old = pi (on-policy)."""
     num_tokens = mask.sum().float()
     if run.world_size > 1:
         dist.all_reduce(num_tokens)
@@ -206,7 +206,7 @@ def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, run
                              epsilon_high=cfg.epsilon_high, use_bias_correction_kl=cfg.use_bias_correction_kl)
             loss = loss * run.world_size
             scaler.scale(loss).backward()
-        loss_sum += loss.detach() / run.world_size
+        loss_sum += loss.detach()
         all_logps.append(logps.detach())
     return loss_sum, torch.cat(all_logps)
 
@@ -430,7 +430,8 @@ def main(argv=None):
                 scaler.step(optimizer)  # float16: skipped if a gradient overflowed
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                for key, value in dict(loss=loss * run.world_size, clip_fraction=clipped, kl=kl).items():
+                # the logged loss, clip fraction and KL: the means over the iterations (and later the processes)
+                for key, value in dict(loss=loss, clip_fraction=clipped, kl=kl).items():
                     sums[key] = sums[key] + value / cfg.num_iterations
 
             last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step

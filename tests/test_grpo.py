@@ -369,10 +369,11 @@ def _two_process_grpo_step(rank, port, path):
     run = SimpleNamespace(world_size=2, device=torch.device("cpu"), dtype="float32")
     loss, _ = train_grpo.policy_backward(ddp, ids[mine], mask[mine], advantages[mine], None, None, cfg, run,
                                          torch.amp.GradScaler("cpu", enabled=False))
-    total = loss.clone()
-    dist.all_reduce(total)
+    mean = loss.clone()
+    dist.all_reduce(mean)
+    mean /= 2  # the mean of the processes' losses is the step's (training.mean_over_processes)
     if rank == 0:
-        torch.save((total.item(), [p.grad for p in model.parameters()]), path)
+        torch.save((mean.item(), [p.grad for p in model.parameters()]), path)
     dist.barrier()  # both done before either tears the group down
     dist.destroy_process_group()
 
@@ -391,7 +392,7 @@ def _grpo_step_inputs(batch_size):
 
 def test_two_processes_take_the_step_of_one(tmp_path):
     """The same 8 completions on 1 process, or split over 2 (gloo, DDP): the same step loss and gradient (dapo's
-    token count is all-reduced; DDP's average is undone by world_size)."""
+    token count is all-reduced; DDP's average is undone by world_size; the processes' losses average to the step's)."""
     import torch.multiprocessing as mp
     model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=8)
     loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, None, None, cfg, ONE_PROCESS,
