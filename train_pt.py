@@ -229,7 +229,8 @@ def main(argv=None):
                                   f"eval step {step}")
                 timer, timed_from = time.perf_counter(), step + 1
             if save:
-                training.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "pt"), optimizer, engine)
+                state = training.training_state(cfg, run, model, tok, step + 1, "pt")
+                training.save(cfg, run, state, optimizer, engine)
             if stopping:
                 print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
                 break

@@ -6,8 +6,9 @@ backend=deepspeed), checkpoint state, stop signals, the NaN check and the JSONL 
 
 Each stage script (train_pt.py, train_sft.py, train_dpo.py, train_grpo.py) writes its own loop from these, in
 execution order, and its step in full: learning rate, autocast, forward and loss, backward, the all-reduce
-boundary, clip, optimizer step, zero_grad. Across several nodes, out_dir must be one directory all of them see (a shared file system):
-rank 0 writes the checkpoint file there, every rank its DeepSpeed shards, and every rank reads them back.
+boundary, clip, optimizer step, zero_grad. Across several nodes, out_dir must be one directory all of them see
+(a shared file system): rank 0 writes the checkpoint file there, every rank its DeepSpeed shards, and every rank
+reads them back.
 """
 import os
 import json

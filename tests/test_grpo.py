@@ -25,7 +25,7 @@ OLD_LOGPS = [[-1.5, -0.5, -1.0], [-0.1, -1.0, -1.2]]  # ratios e^0.5, 1, e^-1 | 
 REF_LOGPS = [[-0.8, -0.9, -3.0], [-0.4, -1.2, -0.3]]
 ADVANTAGES = [1.0, -2.0]
 MASK = [[1, 1, 0], [1, 1, 1]]
-ONE_PROCESS = SimpleNamespace(world_size=1, device=torch.device("cpu"), dtype="float32")  # what policy_backward reads of run
+ONE_PROCESS = SimpleNamespace(world_size=1, device=torch.device("cpu"), dtype="float32")  # policy_backward's run
 
 
 def hand_per_token(epsilon, beta, epsilon_high=None, bias_correction=True):
