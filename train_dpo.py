@@ -9,11 +9,13 @@ The policy starts as the SFT model; a frozen copy of it is the reference. For ea
 rejected) the loss pushes the policy's log-prob of the chosen reply up and the rejected one down, relative to
 the reference (eq. 7). A reply's log-prob is the sum of its tokens' log-probs, prompt and padding excluded.
 The batching is post_training's (as SFT's): a batch holds chosen rows then rejected rows, padded. main() is the
-whole run in execution order, its loop written out; training.py holds the tools it calls.
+whole run in execution order, its loop and step written out as train_pt.py's; nanodoge/training.py holds the
+tools it calls.
 """
 import os
 import copy
 import time
+import contextlib
 
 import numpy as np
 import torch
@@ -119,13 +121,13 @@ def pair_loss(policy, ids, mask, ref_chosen, ref_rejected, beta, label_smoothing
                "logps/chosen": chosen.detach().mean(), "logps/rejected": rejected.detach().mean()}
     return loss, metrics
 
-def all_reference_logprobs(reference, chosen_set, rejected_set, indices, cfg, pad_id, device, autocast, desc):
+def all_reference_logprobs(reference, chosen_set, rejected_set, indices, cfg, pad_id, run, desc):
     """Reference log-probs of the pairs at indices, as a float32 array [len(indices), 2]."""
     out = np.zeros((len(indices), 2), dtype=np.float32)
     for first in tqdm(range(0, len(indices), cfg.batch_size), desc=desc, disable=len(indices) < 50 * cfg.batch_size):
         ids, mask = pair_batch(chosen_set, rejected_set, indices[first:first + cfg.batch_size], cfg.seq_len,
-                               pad_id, device)
-        with autocast():
+                               pad_id, run.device)
+        with devices.autocast(run.device, run.dtype):
             chosen, rejected = reference_logprobs(reference, ids, mask, average=cfg.loss_type == "ipo")
         out[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
     return out
@@ -142,7 +144,7 @@ def evaluate(model, val_chosen, val_rejected, val_usable, val_ref, pad_id, cfg, 
     for first in range(0, len(val_usable), cfg.batch_size):
         ids, mask = pair_batch(val_chosen, val_rejected, val_usable[first:first + cfg.batch_size], cfg.seq_len,
                                pad_id, run.device)
-        with run.autocast():
+        with devices.autocast(run.device, run.dtype):
             chosen, rejected = pair_logprobs(model, ids, mask, average=cfg.loss_type == "ipo")
         policy[first:first + len(chosen)] = torch.stack([chosen, rejected], 1).cpu().numpy()
     model.train()
@@ -204,13 +206,13 @@ def main(argv=None):
               f"x {grad_accum} accumulation | {cfg.loss_type} loss, beta {cfg.beta}, label smoothing "
               f"{cfg.label_smoothing} | reference {cfg.ref_from} | {run.device} {run.dtype}")
 
-    val_ref = all_reference_logprobs(reference, val_chosen, val_rejected, val_usable, cfg, pad_id, run.device,
-                                     run.autocast, "reference log-probs (val)")
+    val_ref = all_reference_logprobs(reference, val_chosen, val_rejected, val_usable, cfg, pad_id, run,
+                                     "reference log-probs (val)")
     train_ref = None  # row i: the reference log-probs of pair i
     if cfg.precompute_ref_logps:
         train_ref = np.zeros((len(train_chosen[2]) - 1, 2), dtype=np.float32)
         train_ref[usable] = all_reference_logprobs(reference, train_chosen, train_rejected, usable, cfg, pad_id,
-                                                   run.device, run.autocast, "reference log-probs (train)")
+                                                   run, "reference log-probs (train)")
         del reference
 
     def train_batch(step, micro_step):
@@ -222,16 +224,17 @@ def main(argv=None):
         if train_ref is not None:
             ref_chosen, ref_rejected = training.to_device(torch.from_numpy(train_ref[mine]), run.device).unbind(1)
         else:
-            with run.autocast():
+            with devices.autocast(run.device, run.dtype):
                 ref_chosen, ref_rejected = reference_logprobs(reference, ids, mask, average=cfg.loss_type == "ipo")
         return ids, mask, ref_chosen, ref_rejected
 
     def evaluate_now(model):
-        with backend.gathered():
+        with training.whole_weights(engine):
             return evaluate(model, val_chosen, val_rejected, val_usable, val_ref, pad_id, cfg, run)
 
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
-    backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
+    model_to_call, scaler, engine = training.model_to_train(cfg, run, model, optimizer, grad_accum, checkpoint)
+    ddp = engine is None and run.world_size > 1
     peak_flops = devices.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
@@ -242,20 +245,37 @@ def main(argv=None):
     timer, timed_from = time.perf_counter(), start_step
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
-            lr = training.set_learning_rate(optimizer, step, cfg)
+            lr = training.lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             # the micro-steps queue work on the device and read nothing back: loss and metrics stay there
             sums = {}
             for micro_step in range(grad_accum):
                 ids, mask, ref_chosen, ref_rejected = train_batch(step, micro_step)
-                with backend.no_sync(skip=micro_step < grad_accum - 1):  # DDP all-reduces at the last one only
-                    with run.autocast():  # DPO eq. 7 (plus RPO's NLL term), the mean over this micro-batch's pairs
-                        loss, metrics = pair_loss(backend.model, ids, mask, ref_chosen, ref_rejected, cfg.beta,
+                # DDP all-reduces the gradients in the last micro-step's backward only
+                skip_all_reduce = ddp and micro_step < grad_accum - 1
+                with model_to_call.no_sync() if skip_all_reduce else contextlib.nullcontext():
+                    with devices.autocast(run.device, run.dtype):  # DPO eq. 7 (plus RPO's NLL term)
+                        loss, metrics = pair_loss(model_to_call, ids, mask, ref_chosen, ref_rejected, cfg.beta,
                                                   cfg.label_smoothing, cfg.loss_type, cfg.rpo_alpha)
-                    loss = loss / grad_accum  # this micro-step's share of the step's mean
-                    for key, value in dict(loss=loss.detach() * grad_accum, **metrics).items():
-                        sums[key] = sums.get(key, 0.0) + value / grad_accum
-                    backend.backward(loss)
-            grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
+                    # loss and metrics are means over this micro-batch's pairs; the micro-batches are equal in size,
+                    # so each one's share of the step's means is 1/grad_accum of its own
+                    loss, metrics = loss / grad_accum, {key: value / grad_accum for key, value in metrics.items()}
+                    for key, share in dict(loss=loss.detach(), **metrics).items():
+                        sums[key] = sums.get(key, 0.0) + share
+                    if engine is None:
+                        scaler.scale(loss).backward()
+                    else:  # loss is already its share: the engine must not divide by the accumulation steps again
+                        engine.backward(loss, scale_wrt_gas=False)
+                        engine.step()  # at its accumulation boundary (the last micro-step): clip, step, zero_grad
+            if engine is None:
+                scaler.unscale_(optimizer)  # the true gradients (float16: they were scaled up), for the clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # a tensor: no read
+                scaler.step(optimizer)  # float16: skipped if a gradient overflowed
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)  # before its clip (a tensor or None)
 
             last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
             save = training.save_due(cfg, step, stopping)
@@ -275,7 +295,8 @@ def main(argv=None):
                 training.log_eval(run, log_path, step, evaluate_now(model), f"eval step {step}")
                 timer, timed_from = time.perf_counter(), step + 1
             if save:
-                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "dpo"))
+                state = training.training_state(cfg, run, model, tok, step + 1, "dpo")
+                training.save(cfg, run, state, optimizer, engine)
             if stopping:
                 print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
                 break

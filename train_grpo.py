@@ -27,9 +27,8 @@ import contextlib
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanodoge import checkpoint as ckpt, files, settings, training
+from nanodoge import checkpoint as ckpt, devices, files, settings, training
 from nanodoge.engine import Engine
 from model import left_pad
 from nanodoge.post_training import step_indices, token_logprobs, evaluate_accuracy
@@ -182,30 +181,32 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
         return (per_token * mask).sum() / (num_sequences * max_completion_length)
     raise ValueError(f"loss_type must be dapo, grpo, bnpo or dr_grpo, got {loss_type!r}")
 
-def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, world_size, autocast, scaler):
+def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, run, scaler):
     """Accumulate the gradient of the step's GRPO loss over this process's completions ids [N, L] in
-    micro-batches of cfg.batch_size rows; returns (this process's share of the step's loss, log-probs [N, L-1]),
-    both on the device: nothing is read back to the host here. Each micro-batch's loss is its part of the step's
-    (grpo_loss with the step's totals) times world_size, as DDP averages the processes' gradients: neither
-    batch_size nor the number of processes changes the step. old_logps: None when pi_old = pi (on-policy)."""
+    micro-batches of cfg.batch_size rows; model is in DDP across several processes, which all-reduces the
+    gradients in the last micro-batch's backward only. A micro-batch's loss is its part of the step's loss
+    (grpo_loss with the step's totals over all processes) times the number of processes, as DDP averages the
+    processes' gradients: neither batch_size nor the number of processes changes the step. Returns (the sum of
+    those losses: this process's loss, whose mean over the processes is the step's; log-probs [N, L-1]), both on
+    the device: nothing is read back to the host here. old_logps: None when pi_old = pi (on-policy)."""
     num_tokens = mask.sum().float()
-    if world_size > 1:
+    if run.world_size > 1:
         dist.all_reduce(num_tokens)
     micro_batches = [slice(i, i + cfg.batch_size) for i in range(0, ids.size(0), cfg.batch_size)]
     loss_sum, all_logps = torch.zeros((), device=ids.device), []
     for k, rows in enumerate(micro_batches):
-        last = k == len(micro_batches) - 1
-        no_sync = model.no_sync() if isinstance(model, DDP) and not last else contextlib.nullcontext()
-        with no_sync:
-            with autocast():
+        skip_all_reduce = run.world_size > 1 and k < len(micro_batches) - 1
+        with model.no_sync() if skip_all_reduce else contextlib.nullcontext():
+            with devices.autocast(run.device, run.dtype):
                 logps = completion_logps(model, ids[rows], cfg.temperature)
             loss = grpo_loss(logps, None if old_logps is None else old_logps[rows],
                              None if ref_logps is None else ref_logps[rows], advantages[rows], mask[rows],
                              cfg.epsilon, cfg.beta, cfg.loss_type, cfg.max_completion_length,
-                             num_sequences=ids.size(0) * world_size, num_tokens=num_tokens,
-                             epsilon_high=cfg.epsilon_high, use_bias_correction_kl=cfg.use_bias_correction_kl) * world_size
+                             num_sequences=ids.size(0) * run.world_size, num_tokens=num_tokens,
+                             epsilon_high=cfg.epsilon_high, use_bias_correction_kl=cfg.use_bias_correction_kl)
+            loss = loss * run.world_size
             scaler.scale(loss).backward()
-        loss_sum += loss.detach() / world_size
+        loss_sum += loss.detach()
         all_logps.append(logps.detach())
     return loss_sum, torch.cat(all_logps)
 
@@ -308,7 +309,7 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
     Also pass@k, greedy accuracy (what SFT and DPO report) and the mean reward (what GRPO maximises). The samples
     come from a fixed seed (the same draws at every evaluation), without disturbing the training RNG."""
     model.eval()
-    with run.autocast():
+    with devices.autocast(run.device, run.dtype):
         _, greedy_texts = evaluate_accuracy(model, tok, examples, cfg.max_completion_length)
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             torch.manual_seed(cfg.seed)
@@ -363,7 +364,7 @@ def main(argv=None):
               f"{f' | KL to the reference, beta {cfg.beta}' if reference is not None else ''} | {run.device} {run.dtype}")
 
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint if resuming else None)
-    backend = training.DDPBackend(run, model, optimizer)
+    model_to_call, scaler = training.ddp_model(run, model)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     # train records carry the step's index, evaluations the number of steps done before them
     training.truncate_log(run, log_path, lambda r: r["step"] < start_step or ("loss" not in r and r["step"] == start_step))
@@ -372,14 +373,16 @@ def main(argv=None):
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
             step_start = time.perf_counter()
-            lr = training.set_learning_rate(optimizer, step, cfg)
+            lr = training.lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
 
             # 1. rollouts: this process's share of the step's prompts, G completions each, from the current policy
             indices = step_indices(cfg.seed, step, cfg.prompts_per_step, len(train_examples))
             examples = [train_examples[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
             prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
             model.eval()
-            with run.autocast():
+            with devices.autocast(run.device, run.dtype):
                 groups = rollout(model, prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature,
                                  stop_ids, tok.vocab_size)
             model.train()
@@ -410,19 +413,25 @@ def main(argv=None):
             # num_iterations > 1 reuses them: the later updates' ratios to the sampling policy are clipped (eq. 3).
             # The reference's log-probs only with a KL term (beta > 0).
             def logps_of(policy):  # log-probs of every completion, in micro-batches, no gradient
-                with torch.no_grad(), run.autocast():
+                with torch.no_grad(), devices.autocast(run.device, run.dtype):
                     return torch.cat([completion_logps(policy, ids[i:i + cfg.batch_size], cfg.temperature)
                                       for i in range(0, ids.size(0), cfg.batch_size)])
             old_logps = logps_of(model) if cfg.num_iterations > 1 else None
             ref_logps = logps_of(reference) if reference is not None else None
             sums = dict(loss=0.0, clip_fraction=0.0, kl=0.0)  # on the device, read at log steps
             for iteration in range(cfg.num_iterations):
-                loss, logps = policy_backward(backend.model, ids, mask, advantages, old_logps, ref_logps, cfg,
-                                              run.world_size, run.autocast, backend.scaler)
+                # autocast forward, loss and backward in micro-batches (DDP all-reduces in the last one's backward)
+                loss, logps = policy_backward(model_to_call, ids, mask, advantages, old_logps, ref_logps, cfg, run,
+                                              scaler)
                 clipped, kl = grpo_stats(logps, old_logps, ref_logps, advantages, mask, cfg.epsilon,
                                          cfg.epsilon_high)
-                grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
-                for key, value in dict(loss=loss * run.world_size, clip_fraction=clipped, kl=kl).items():
+                scaler.unscale_(optimizer)  # the true gradients (float16: they were scaled up), for the clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # a tensor: no read
+                scaler.step(optimizer)  # float16: skipped if a gradient overflowed
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                # the logged loss, clip fraction and KL: the means over the iterations (and later the processes)
+                for key, value in dict(loss=loss, clip_fraction=clipped, kl=kl).items():
                     sums[key] = sums[key] + value / cfg.num_iterations
 
             last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
@@ -452,8 +461,8 @@ def main(argv=None):
                 log_evaluation(run, cfg, log_path, step + 1,
                                *evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run))
             if save:
-                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "grpo",
-                                                               start_from=start_from))
+                training.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "grpo",
+                                                                start_from=start_from), optimizer, engine=None)
             if stopping:
                 print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
                 break

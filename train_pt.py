@@ -6,11 +6,14 @@ Pre-train a Doge model on a memory-mapped uint16 token file, nanoGPT style.
     torchrun --nproc_per_node=8 train_pt.py config/doge_160m.py --backend=deepspeed --zero_stage=2
 
 main() is the whole run in execution order, its loop written out as nanoGPT's train.py: each step sets its
-learning rate, runs the micro-steps (batch, forward, loss, backward), clips and steps the optimizer, then logs,
-evaluates and saves. training.py holds the tools it calls (optimizer, DDP or DeepSpeed, checkpoint state, log).
+learning rate, runs the micro-steps (batch, autocast forward and loss, backward; DDP all-reduces in the last),
+unscales and clips the gradients, steps the optimizer and zeroes them, then logs, evaluates and saves; with
+backend=deepspeed the engine's own calls take over backward and step, written where they run.
+nanodoge/training.py holds the tools it calls (optimizer, schedule, the wrapped model, checkpoint state, log).
 """
 import os
 import time
+import contextlib
 
 import numpy as np
 import torch
@@ -88,7 +91,7 @@ def evaluate(model, val_data, cfg, run):
     losses = []
     for i in range(cfg.eval_batches):
         x, y = get_batch(val_data, starts[i * cfg.batch_size:(i + 1) * cfg.batch_size], cfg.seq_len, run.device)
-        with run.autocast():
+        with devices.autocast(run.device, run.dtype):
             losses.append(model(x, y)[1])
     model.train()
     return torch.stack(losses).mean().item()
@@ -160,12 +163,14 @@ def main(argv=None):
     if cfg.dry_run:
         return training.dry_run(cfg, run, model, len(train_data), flops_per_step)
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
-    backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
+    model_to_call, scaler, engine = training.model_to_train(cfg, run, model, optimizer, grad_accum, checkpoint)
+    ddp = engine is None and run.world_size > 1
+    cross_entropy = training.training_cross_entropy(run.device, run.compile)  # None: the model's F.cross_entropy
     peak_flops = devices.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
     if start_step == 0:  # the number every later evaluation is compared with
-        with backend.gathered():
+        with training.whole_weights(engine):
             val_loss = evaluate(model, val_data, cfg, run)
         training.log_eval(run, log_path, 0, dict(val_loss=val_loss, unigram_val_loss=unigram), "before training")
     if start_step >= cfg.max_steps:
@@ -174,19 +179,34 @@ def main(argv=None):
     timer, timed_from = time.perf_counter(), start_step
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
-            lr = training.set_learning_rate(optimizer, step, cfg)
+            lr = training.lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             # the micro-steps queue work on the device and read nothing back: the loss stays there until a log step
             loss_sum = torch.zeros((), device=run.device)
             for micro_step in range(grad_accum):
-                with backend.no_sync(skip=micro_step < grad_accum - 1):  # DDP all-reduces at the last one only
-                    with run.autocast():
-                        _, loss = backend.model(x, y, cross_entropy=run.cross_entropy)
+                # DDP all-reduces the gradients in the last micro-step's backward only
+                skip_all_reduce = ddp and micro_step < grad_accum - 1
+                with model_to_call.no_sync() if skip_all_reduce else contextlib.nullcontext():
+                    with devices.autocast(run.device, run.dtype):
+                        _, loss = model_to_call(x, y, cross_entropy=cross_entropy)
                     loss = loss / grad_accum  # this micro-step's share of the step's mean loss
                     # the next micro-batch, cut and copied while the device still runs this one
                     x, y = train_batch(*divmod(step * grad_accum + micro_step + 1, grad_accum))
                     loss_sum += loss.detach()
-                    backend.backward(loss)
-            grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
+                    if engine is None:
+                        scaler.scale(loss).backward()
+                    else:  # loss is already its share: the engine must not divide by the accumulation steps again
+                        engine.backward(loss, scale_wrt_gas=False)
+                        engine.step()  # at its accumulation boundary (the last micro-step): clip, step, zero_grad
+            if engine is None:
+                scaler.unscale_(optimizer)  # the true gradients (float16: they were scaled up), for the clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # a tensor: no read
+                scaler.step(optimizer)  # float16: skipped if a gradient overflowed
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)  # before its clip (a tensor or None)
 
             last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
             save = training.save_due(cfg, step, stopping)
@@ -203,13 +223,14 @@ def main(argv=None):
                              f"{grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%")
                 timer, timed_from = time.perf_counter(), step + 1
             if step % cfg.eval_interval == cfg.eval_interval - 1 or last_step:
-                with backend.gathered():
+                with training.whole_weights(engine):
                     val_loss = evaluate(model, val_data, cfg, run)
                 training.log_eval(run, log_path, step, dict(val_loss=val_loss, unigram_val_loss=unigram),
                                   f"eval step {step}")
                 timer, timed_from = time.perf_counter(), step + 1
             if save:
-                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "pt"))
+                state = training.training_state(cfg, run, model, tok, step + 1, "pt")
+                training.save(cfg, run, state, optimizer, engine)
             if stopping:
                 print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
                 break

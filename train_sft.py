@@ -9,14 +9,15 @@ The data is what prepare_data.py writes: chat-rendered conversations (ragged tok
 the chat renderer made with them, 1 exactly on assistant content and its <|im_end|>. A micro-batch is right-
 padded to its longest conversation: under the causal mask no real token ever attends to a pad, and pads and
 user/system tokens are never targets (-1), and the output head runs on the scored rows only. main() is the whole
-run in execution order, its loop written out (learning rate, micro-steps, clip and optimizer step, log, eval,
-save); training.py holds the tools it calls.
+run in execution order, its loop written out as train_pt.py's (learning rate, micro-steps, unscale, clip,
+optimizer step, zero_grad; DeepSpeed's calls where it takes over; log, eval, save); nanodoge/training.py holds
+the tools it calls.
 """
 import os
 import json
 import time
+import contextlib
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -69,11 +70,11 @@ def evaluate(model, tok, val_set, val_usable, val_counts, test_examples, pad_id,
     for first in range(0, len(val_usable), cfg.batch_size):
         chunk = val_usable[first:first + cfg.batch_size]
         x, y, scored = sft_batch(val_set, chunk, cfg.seq_len, pad_id, run.device)
-        with run.autocast():
+        with devices.autocast(run.device, run.dtype):
             loss_sum += model(x, y, scored=scored)[1] * float(val_counts[first:first + cfg.batch_size].sum())
     metrics = dict(val_loss=loss_sum.item() / float(val_counts.sum()))
     if test_examples:
-        with run.autocast():
+        with devices.autocast(run.device, run.dtype):
             metrics["accuracy"], completions = evaluate_accuracy(model, tok, test_examples, cfg.max_new_tokens)
         if run.master:
             print(f"sample answer: {completions[0]!r}")
@@ -129,11 +130,13 @@ def main(argv=None):
         return (*sft_batch(train_set, mine, cfg.seq_len, pad_id, run.device), weight)
 
     def evaluate_now(model):
-        with backend.gathered():
+        with training.whole_weights(engine):
             return evaluate(model, tok, val_set, val_usable, val_counts, test_examples, pad_id, cfg, run)
 
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
-    backend = training.make_backend(cfg, run, model, optimizer, grad_accum, checkpoint)  # DDP or DeepSpeed
+    model_to_call, scaler, engine = training.model_to_train(cfg, run, model, optimizer, grad_accum, checkpoint)
+    ddp = engine is None and run.world_size > 1
+    cross_entropy = training.training_cross_entropy(run.device, run.compile)  # None: the model's F.cross_entropy
     peak_flops = devices.measure_peak_flops(run.device, run.dtype)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
@@ -145,19 +148,34 @@ def main(argv=None):
     timer, timed_from = time.perf_counter(), start_step
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
-            lr = training.set_learning_rate(optimizer, step, cfg)
+            lr = training.lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             # the micro-steps queue work on the device and read nothing back: the loss stays there until a log step
             loss_sum = torch.zeros((), device=run.device)
             for micro_step in range(grad_accum):
-                with backend.no_sync(skip=micro_step < grad_accum - 1):  # DDP all-reduces at the last one only
-                    with run.autocast():  # mean over this micro-batch's assistant tokens
-                        _, loss = backend.model(x, y, cross_entropy=run.cross_entropy, scored=scored)
+                # DDP all-reduces the gradients in the last micro-step's backward only
+                skip_all_reduce = ddp and micro_step < grad_accum - 1
+                with model_to_call.no_sync() if skip_all_reduce else contextlib.nullcontext():
+                    with devices.autocast(run.device, run.dtype):  # mean over this micro-batch's assistant tokens
+                        _, loss = model_to_call(x, y, cross_entropy=cross_entropy, scored=scored)
                     loss = loss * weight  # this micro-step's share of the step's loss
                     # the next micro-batch, cut and copied while the device still runs this one
                     x, y, scored, weight = train_batch(*divmod(step * grad_accum + micro_step + 1, grad_accum))
                     loss_sum += loss.detach()
-                    backend.backward(loss)
-            grad_norm = backend.step(cfg.grad_clip)  # clip, optimizer step, zero the gradients
+                    if engine is None:
+                        scaler.scale(loss).backward()
+                    else:  # loss is already its share: the engine must not divide by the accumulation steps again
+                        engine.backward(loss, scale_wrt_gas=False)
+                        engine.step()  # at its accumulation boundary (the last micro-step): clip, step, zero_grad
+            if engine is None:
+                scaler.unscale_(optimizer)  # the true gradients (float16: they were scaled up), for the clip
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # a tensor: no read
+                scaler.step(optimizer)  # float16: skipped if a gradient overflowed
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                grad_norm = float(engine.get_global_grad_norm() or 0.0)  # before its clip (a tensor or None)
 
             last_step, stopping = step == cfg.max_steps - 1, bool(stop_signal)  # a signal arriving later: next step
             save = training.save_due(cfg, step, stopping)
@@ -177,7 +195,8 @@ def main(argv=None):
                 training.log_eval(run, log_path, step, evaluate_now(model), f"eval step {step}")
                 timer, timed_from = time.perf_counter(), step + 1
             if save:
-                backend.save(cfg, run, training.training_state(cfg, run, model, tok, step + 1, "sft"))
+                state = training.training_state(cfg, run, model, tok, step + 1, "sft")
+                training.save(cfg, run, state, optimizer, engine)
             if stopping:
                 print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
                 break

@@ -1,12 +1,14 @@
 """
 The toolbox every stage's training loop draws on, plain functions and no loop: processes, precision and
-compile, the loss function chosen for the device, AdamW with exact resume, checkpoint state, stop signals, the
-NaN check, the JSONL log and the model the loop calls (compiled, wrapped in DDP: DDPBackend; DeepSpeed ZeRO
-lives in deepspeed_zero.py, imported only with backend=deepspeed).
+compile, the loss function chosen for the device, AdamW with exact resume, the learning-rate schedule, the model
+the loop calls (compiled, wrapped in DDP; or a DeepSpeed ZeRO engine: deepspeed_zero.py, imported only with
+backend=deepspeed), checkpoint state, stop signals, the NaN check and the JSONL log.
 
 Each stage script (train_pt.py, train_sft.py, train_dpo.py, train_grpo.py) writes its own loop from these, in
-execution order. Across several nodes, out_dir must be one directory all of them see (a shared file system):
-rank 0 writes the checkpoint file there, every rank its DeepSpeed shards, and every rank reads them back.
+execution order, and its step in full: learning rate, autocast, forward and loss, backward, the all-reduce
+boundary, clip, optimizer step, zero_grad. Across several nodes, out_dir must be one directory all of them see
+(a shared file system): rank 0 writes the checkpoint file there, every rank its DeepSpeed shards, and every rank
+reads them back.
 """
 import os
 import json
@@ -95,14 +97,12 @@ def resolve_deterministic(setting, device, compiled):
     return False, "deterministic auto: off"
 
 def setup(cfg):
-    """Processes, device, precision, compile, deterministic kernels, loss function and seed: a namespace every
-    stage's loop reads. The first line printed says which device, dtype, compile and deterministic setting the
+    """Processes, device, precision, compile, deterministic kernels and seed: a namespace every stage's loop
+    reads. The first line printed says which device, dtype, compile and deterministic setting the
     run got, and why."""
     run = devices.setup_distributed(cfg.device)
     run.dtype, dtype_why = devices.resolve_dtype(cfg.dtype, run.device)
-    run.autocast = lambda: devices.autocast(run.device, run.dtype)
     run.compile, compile_why = resolve_compile(getattr(cfg, "compile", False), run.device)
-    run.cross_entropy = training_cross_entropy(run.device, run.compile)
     deterministic, deterministic_why = resolve_deterministic(cfg.deterministic, run.device, run.compile)
     if deterministic and run.device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -157,14 +157,6 @@ def make_optimizer(cfg, run, model, checkpoint=None):
         torch.mps.set_rng_state(checkpoint["rng"]["mps"])
     return optimizer, checkpoint["step"]
 
-def set_learning_rate(optimizer, step, cfg):
-    """The schedule's learning rate for this step (lr_at), set on every parameter group."""
-    lr = lr_at(step, cfg.max_steps, cfg.learning_rate, cfg.schedule, cfg.warmup_ratio, cfg.decay_ratio,
-                      cfg.min_lr_rate, cfg.decay_shape)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
 def training_state(cfg, run, model, tok, step, stage, **extra):
     """What a checkpoint holds besides the optimizer: weights, shapes, the next step, config, tokenizer, RNG."""
     return dict(model=model.state_dict(), model_config=dataclasses.asdict(model.config), step=step,
@@ -173,9 +165,10 @@ def training_state(cfg, run, model, tok, step, stage, **extra):
                          cuda=torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
                          mps=torch.mps.get_rng_state() if run.device.type == "mps" else None))
 
-def make_backend(cfg, run, model, optimizer, grad_accum, checkpoint):
-    """The model the loop calls and the optimizer step behind it: DDPBackend, or with backend=deepspeed
-    deepspeed_zero.DeepSpeedBackend (ZeRO 1/2/3; that module, and deepspeed itself, imported only then)."""
+def model_to_train(cfg, run, model, optimizer, grad_accum, checkpoint):
+    """(the model the loop calls, the float16 GradScaler, the DeepSpeed engine or None). backend=ddp: ddp_model's;
+    backend=deepspeed: a ZeRO 1/2/3 engine around model and optimizer (deepspeed_zero.py, and deepspeed itself,
+    imported only then), which is also the model the loop calls, and no GradScaler: the engine scales fp16 itself."""
     if cfg.backend not in ("ddp", "deepspeed"):
         raise ValueError(f"backend must be 'ddp' or 'deepspeed', got {cfg.backend!r}")
     if checkpoint is not None and ("deepspeed_tag" in checkpoint) != (cfg.backend == "deepspeed"):
@@ -183,49 +176,38 @@ def make_backend(cfg, run, model, optimizer, grad_accum, checkpoint):
                          f"{checkpoint['config'].get('backend')}: continue it with that --backend")
     if cfg.backend == "deepspeed":
         from nanodoge import deepspeed_zero
-        return deepspeed_zero.DeepSpeedBackend(cfg, run, model, optimizer, grad_accum, checkpoint)
-    return DDPBackend(run, model, optimizer, compiled=run.compile)
+        engine = deepspeed_zero.initialize(cfg, run, model, optimizer, grad_accum, checkpoint)
+        return engine, None, engine
+    return *ddp_model(run, model), None
 
-class DDPBackend:
-    """One process or DDP across many. .model is what the loop calls: compiled first (one graph, fullgraph), then
-    in DDP, whose no_sync() then skips the all-reduce of all but the last micro-step's gradients. The RoPE tables
-    are constants: no broadcast of buffers before each forward. float16 runs through a GradScaler."""
-    def __init__(self, run, raw_model, optimizer, compiled=False):
-        self.raw_model, self.optimizer = raw_model, optimizer
-        self.model = torch.compile(raw_model, fullgraph=True) if compiled else raw_model
-        if run.world_size > 1:
-            self.model = DDP(self.model, device_ids=[run.local_rank] if run.device.type == "cuda" else None,
-                             broadcast_buffers=False)
-        self.scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype == "float16")
+def ddp_model(run, model):
+    """(the model the loop calls, the GradScaler): compiled first with run.compile (one graph, fullgraph), then in
+    DDP across several processes, whose no_sync() skips the all-reduce of a micro-step's gradients. The RoPE
+    tables are constants: no broadcast of buffers before each forward. The GradScaler is on for float16 only
+    (elsewhere its calls do nothing)."""
+    model_to_call = torch.compile(model, fullgraph=True) if run.compile else model
+    if run.world_size > 1:
+        model_to_call = DDP(model_to_call, device_ids=[run.local_rank] if run.device.type == "cuda" else None,
+                            broadcast_buffers=False)
+    return model_to_call, torch.amp.GradScaler(run.device.type, enabled=run.dtype == "float16")
 
-    def no_sync(self, skip):
-        """Around a micro-step's forward and backward: skip=True keeps its gradients local (not the last one)."""
-        return self.model.no_sync() if skip and isinstance(self.model, DDP) else contextlib.nullcontext()
-
-    def backward(self, loss):
-        self.scaler.scale(loss).backward()
-
-    def step(self, grad_clip):
-        """Clip, the optimizer step, zero the gradients. Returns the gradient norm before clipping, a tensor on
-        the device (read on the host at log steps only)."""
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
-    def gathered(self):
-        """Whole weights for an evaluation (they always are without ZeRO-3)."""
+def whole_weights(engine):
+    """Around an evaluation: under ZeRO-3 each rank holds a slice of every weight outside a forward pass, and an
+    evaluation that reads weights directly (the generation engine's fused weights) needs them whole meanwhile;
+    without DeepSpeed (engine None) they always are."""
+    if engine is None:
         return contextlib.nullcontext()
+    from nanodoge import deepspeed_zero
+    return deepspeed_zero.gathered(engine)
 
-    def save(self, cfg, run, state):
-        """Rank 0 writes out_dir/ckpt_<step>.pt with the optimizer state (atomically, keeping keep_last)."""
-        save_training_state(cfg, run, dict(state, optimizer=self.optimizer.state_dict()))
-
-def save_training_state(cfg, run, state):
-    """Rank 0 writes the checkpoint out_dir/ckpt_<step>.pt (atomically, rotating out all but keep_last)."""
+def save(cfg, run, state, optimizer, engine):
+    """Rank 0 writes the checkpoint out_dir/ckpt_<step>.pt with the optimizer state (atomically, rotating out all
+    but keep_last); with DeepSpeed the engine's shards beside it (deepspeed_zero.save)."""
+    if engine is not None:
+        from nanodoge import deepspeed_zero
+        return deepspeed_zero.save(engine, cfg, run, state)
     if run.master:
+        state = dict(state, optimizer=optimizer.state_dict())
         print(f"saved {ckpt.save_checkpoint(cfg.out_dir, state['step'], state, cfg.keep_last)}")
 
 # -----------------------------------------------------------------------------
@@ -370,28 +352,30 @@ def dry_run(cfg, run, model, train_tokens, flops_per_step):
 # -----------------------------------------------------------------------------
 # learning-rate schedules
 
-def lr_at(step, max_steps, learning_rate, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
-          min_lr_rate=0.0, decay_shape="linear"):
-    """Warmup-stable-decay (linear warmup to the peak, constant, then decay to min_lr_rate x peak in the
-    last decay_ratio of training; the decay is linear or 1-sqrt, arXiv 2405.18392), or warmup + cosine.
+def lr_at(step, cfg):
+    """The learning rate of a step under cfg's schedule (max_steps, learning_rate, schedule, warmup_ratio,
+    decay_ratio, min_lr_rate, decay_shape): warmup-stable-decay (linear warmup to the peak, constant, then decay
+    to min_lr_rate x peak in the last decay_ratio of training; the decay is linear or 1-sqrt, arXiv 2405.18392),
+    or warmup + cosine.
     WSD lets training continue from any stable-phase checkpoint: only the final decay is re-run."""
-    warmup_steps = int(warmup_ratio * max_steps)
-    min_lr = min_lr_rate * learning_rate
+    max_steps, learning_rate = cfg.max_steps, cfg.learning_rate
+    warmup_steps = int(cfg.warmup_ratio * max_steps)
+    min_lr = cfg.min_lr_rate * learning_rate
     if step < warmup_steps:
         return learning_rate * (step + 1) / warmup_steps
-    if schedule == "cosine":
+    if cfg.schedule == "cosine":
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    if schedule != "wsd":
-        raise ValueError(f"schedule must be 'wsd' or 'cosine', got {schedule!r}")
-    decay_start = max_steps - int(decay_ratio * max_steps)
+    if cfg.schedule != "wsd":
+        raise ValueError(f"schedule must be 'wsd' or 'cosine', got {cfg.schedule!r}")
+    decay_start = max_steps - int(cfg.decay_ratio * max_steps)
     if step < decay_start:
         return learning_rate
     progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
-    if decay_shape == "linear":
+    if cfg.decay_shape == "linear":
         remaining = 1 - progress
-    elif decay_shape == "sqrt":
+    elif cfg.decay_shape == "sqrt":
         remaining = 1 - math.sqrt(progress)
     else:
-        raise ValueError(f"decay_shape must be 'linear' or 'sqrt', got {decay_shape!r}")
+        raise ValueError(f"decay_shape must be 'linear' or 'sqrt', got {cfg.decay_shape!r}")
     return min_lr + (learning_rate - min_lr) * remaining

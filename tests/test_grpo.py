@@ -1,12 +1,12 @@
 """GRPO: the loss against a hand computation for every aggregation, advantages, the completion mask, the
 rewards on hand-written completions, a short run on the arithmetic task that raises the held-out reward, exact
 resume, and the whole offline chain (run_chain.sh) at toy sizes."""
-import contextlib
 import itertools
 import json
 import math
 import os
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +25,7 @@ OLD_LOGPS = [[-1.5, -0.5, -1.0], [-0.1, -1.0, -1.2]]  # ratios e^0.5, 1, e^-1 | 
 REF_LOGPS = [[-0.8, -0.9, -3.0], [-0.4, -1.2, -0.3]]
 ADVANTAGES = [1.0, -2.0]
 MASK = [[1, 1, 0], [1, 1, 1]]
+ONE_PROCESS = SimpleNamespace(world_size=1, device=torch.device("cpu"), dtype="float32")  # policy_backward's run
 
 
 def hand_per_token(epsilon, beta, epsilon_high=None, bias_correction=True):
@@ -85,7 +86,6 @@ def test_gradient_is_advantage_times_score_when_policy_sampled():
 @pytest.mark.parametrize("beta, num_iterations", [(0.0, 1), (0.04, 2)])
 def test_step_does_not_depend_on_the_micro_batch_size(loss_type, beta, num_iterations):
     """8 completions of unequal length in micro-batches of 3, 5 or 8: the same step loss and gradient."""
-    from types import SimpleNamespace
     torch.manual_seed(0)
     model = Doge(DogeConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1))
@@ -100,7 +100,7 @@ def test_step_does_not_depend_on_the_micro_batch_size(loss_type, beta, num_itera
         cfg = SimpleNamespace(batch_size=batch_size, temperature=0.7, epsilon=0.2, beta=beta, loss_type=loss_type,
                               max_completion_length=11, epsilon_high=0.28, use_bias_correction_kl=True)
         model.zero_grad()
-        loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, old, ref, cfg, 1, contextlib.nullcontext,
+        loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, old, ref, cfg, ONE_PROCESS,
                                              torch.amp.GradScaler("cpu", enabled=False))
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     for loss, grad in results[1:]:
@@ -366,18 +366,19 @@ def _two_process_grpo_step(rank, port, path):
     model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=3)
     ddp = DDP(model, broadcast_buffers=False)
     mine = slice(4 * rank, 4 * rank + 4)
-    loss, _ = train_grpo.policy_backward(ddp, ids[mine], mask[mine], advantages[mine], None, None, cfg, 2,
-                                         contextlib.nullcontext, torch.amp.GradScaler("cpu", enabled=False))
-    total = loss.clone()
-    dist.all_reduce(total)
+    run = SimpleNamespace(world_size=2, device=torch.device("cpu"), dtype="float32")
+    loss, _ = train_grpo.policy_backward(ddp, ids[mine], mask[mine], advantages[mine], None, None, cfg, run,
+                                         torch.amp.GradScaler("cpu", enabled=False))
+    mean = loss.clone()
+    dist.all_reduce(mean)
+    mean /= 2  # the mean of the processes' losses is the step's (training.mean_over_processes)
     if rank == 0:
-        torch.save((total.item(), [p.grad for p in model.parameters()]), path)
+        torch.save((mean.item(), [p.grad for p in model.parameters()]), path)
     dist.barrier()  # both done before either tears the group down
     dist.destroy_process_group()
 
 
 def _grpo_step_inputs(batch_size):
-    from types import SimpleNamespace
     torch.manual_seed(0)
     model = Doge(DogeConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                             num_attention_heads=2, num_key_value_heads=1))
@@ -391,10 +392,10 @@ def _grpo_step_inputs(batch_size):
 
 def test_two_processes_take_the_step_of_one(tmp_path):
     """The same 8 completions on 1 process, or split over 2 (gloo, DDP): the same step loss and gradient (dapo's
-    token count is all-reduced; DDP's average is undone by world_size)."""
+    token count is all-reduced; DDP's average is undone by world_size; the processes' losses average to the step's)."""
     import torch.multiprocessing as mp
     model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=8)
-    loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, None, None, cfg, 1, contextlib.nullcontext,
+    loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, None, None, cfg, ONE_PROCESS,
                                          torch.amp.GradScaler("cpu", enabled=False))
     loss = loss.item()
     path = str(tmp_path / "rank0.pt")

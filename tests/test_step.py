@@ -42,20 +42,20 @@ class HostReads(TorchDispatchMode):
 
 
 def micro_step_windows(monkeypatch, enter, leave):
-    """Call enter() when a step's micro-steps begin (after training.set_learning_rate) and leave() when they end
-    (when the backend's step begins: clip and optimizer), in every stage's loop."""
-    set_learning_rate, step = training.set_learning_rate, training.DDPBackend.step
+    """Call enter() when a step's micro-steps begin (after training.lr_at) and leave() when they end (when the
+    optimizer part begins: scaler.unscale_, then clip), in every stage's loop."""
+    lr_at, unscale = training.lr_at, torch.amp.GradScaler.unscale_
 
-    def set_learning_rate_then_enter(*args):
-        lr = set_learning_rate(*args)
+    def lr_at_then_enter(*args):
+        lr = lr_at(*args)
         enter()
         return lr
 
-    def leave_then_step(self, grad_clip):
+    def leave_then_unscale(self, optimizer):
         leave()
-        return step(self, grad_clip)
-    monkeypatch.setattr(training, "set_learning_rate", set_learning_rate_then_enter)
-    monkeypatch.setattr(training.DDPBackend, "step", leave_then_step)
+        return unscale(self, optimizer)
+    monkeypatch.setattr(training, "lr_at", lr_at_then_enter)
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", leave_then_unscale)
 
 
 @contextlib.contextmanager

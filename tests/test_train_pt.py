@@ -32,7 +32,9 @@ def log_records(out_dir, key="loss"):
 
 
 def test_wsd_and_cosine_boundaries():
-    lr = lambda step, **kw: training.lr_at(step, 100, 1.0, **kw)
+    schedule = dict(max_steps=100, learning_rate=1.0, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
+                    min_lr_rate=0.0, decay_shape="linear")
+    lr = lambda step, **kw: training.lr_at(step, SimpleNamespace(**{**schedule, **kw}))
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)  # warmup: 10 steps to the peak
     assert lr(10) == lr(89) == 1.0  # stable
     assert lr(90) == 1.0 and lr(95) == pytest.approx(0.5) and lr(100) == 0.0  # linear decay to min lr
@@ -64,8 +66,8 @@ def test_resume_is_exact(data_dir, tmp_path, compile):
 
 
 def test_compiled_training_is_deterministic_run_to_run(tmp_path):
-    """Two compiled runs (training.setup, DDPBackend, 3 AdamW steps) end in identical weights. 64 rows of a 16-token
-    vocabulary put each token hundreds of times in every thread's share of the batch: without deterministic
+    """Two compiled runs (training.setup, training.ddp_model, 3 AdamW steps) end in identical weights. 64 rows of a
+    16-token vocabulary put each token hundreds of times in every thread's share of the batch: without deterministic
     algorithms the threads' atomic adds into the embedding gradient collide and round in another order each run
     (10 pairs of 10 differed so, on 2 busy cores)."""
     cfg = SimpleNamespace(device="cpu", dtype="float32", compile="True", deterministic="auto", seed=0,
@@ -78,10 +80,13 @@ def test_compiled_training_is_deterministic_run_to_run(tmp_path):
         torch.manual_seed(0)
         model = Doge(DogeConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                 num_attention_heads=2, num_key_value_heads=1))
-        backend = training.DDPBackend(run, model, torch.optim.AdamW(model.parameters(), lr=1e-2), compiled=True)
+        model_to_call, _ = training.ddp_model(run, model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         for _ in range(3):
-            backend.backward(backend.model(idx[:, :-1], idx[:, 1:], cross_entropy=run.cross_entropy)[1])
-            backend.step(grad_clip=1.0)
+            model_to_call(idx[:, :-1], idx[:, 1:])[1].backward()  # compiled: F.cross_entropy, fused
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         weights.append(model.state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
@@ -246,8 +251,8 @@ def test_no_sync_engages_under_compile_and_ddp(monkeypatch):
     try:
         raw = Doge(DogeConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, num_key_value_heads=1))
-        run = SimpleNamespace(world_size=2, device=torch.device("cpu"), local_rank=0, dtype="float32")
-        model = training.DDPBackend(run, raw, optimizer=None, compiled=True).model
+        run = SimpleNamespace(world_size=2, device=torch.device("cpu"), local_rank=0, dtype="float32", compile=True)
+        model, _ = training.ddp_model(run, raw)
         assert isinstance(model, DDP) and not model.broadcast_buffers
         all_reduces = []
         def counting_hook(state, bucket):
