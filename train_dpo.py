@@ -235,7 +235,7 @@ def main(argv=None):
     optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
     model_to_call, scaler, engine = training.model_to_train(cfg, run, model, optimizer, grad_accum, checkpoint)
     ddp = engine is None and run.world_size > 1
-    peak_flops = devices.measure_peak_flops(run.device, run.dtype)
+    peak = devices.MatmulPeak(run.device, run.dtype)  # MFU's denominator
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
     if start_step == 0:  # the numbers every later evaluation is compared with
@@ -286,7 +286,7 @@ def main(argv=None):
             if logging:
                 seconds = (time.perf_counter() - timer) / (step - timed_from + 1)
                 record = dict(step=step, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_step / seconds,
-                              mfu=flops_per_step / seconds / (peak_flops * run.world_size), **means)
+                              mfu=peak.mfu(flops_per_step / seconds / run.world_size), **means)
                 metrics_line = "".join(f" | {k} {v:.4f}" for k, v in means.items() if k != "loss")
                 training.log(run, log_path, record, f"step {step} | loss {means['loss']:.4f} | lr {lr:.2e} | grad "
                              f"norm {grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s{metrics_line}")

@@ -137,7 +137,7 @@ def main(argv=None):
     model_to_call, scaler, engine = training.model_to_train(cfg, run, model, optimizer, grad_accum, checkpoint)
     ddp = engine is None and run.world_size > 1
     cross_entropy = training.training_cross_entropy(run.device, run.compile)  # None: the model's F.cross_entropy
-    peak_flops = devices.measure_peak_flops(run.device, run.dtype)
+    peak = devices.MatmulPeak(run.device, run.dtype)  # MFU's denominator
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     training.truncate_log(run, log_path, lambda record: record["step"] < start_step)
     if start_step == 0:  # the numbers every later evaluation is compared with
@@ -187,7 +187,7 @@ def main(argv=None):
                 seconds = (time.perf_counter() - timer) / (step - timed_from + 1)
                 record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm,
                               tokens_per_s=tokens_per_step / seconds,
-                              mfu=flops_per_step / seconds / (peak_flops * run.world_size))
+                              mfu=peak.mfu(flops_per_step / seconds / run.world_size))
                 training.log(run, log_path, record, f"step {step} | loss {loss:.4f} | lr {lr:.2e} | grad norm "
                              f"{grad_norm:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {100 * record['mfu']:.1f}%")
                 timer, timed_from = time.perf_counter(), step + 1

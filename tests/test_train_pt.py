@@ -288,3 +288,11 @@ def test_dtype_auto_is_native_per_device(monkeypatch):
         assert importlib.import_module(script).DEFAULTS["dtype"] == "auto", script
     for name in os.listdir(os.path.join(ROOT, "config")):
         assert "\ndtype" not in "\n" + open(os.path.join(ROOT, "config", name)).read(), name  # auto, not fixed
+
+
+def test_mfu_stays_at_most_one_when_the_peak_was_measured_on_a_busy_start():
+    peak = devices.MatmulPeak(torch.device("cpu"), "float32")
+    measured = peak.flops
+    peak.flops = measured / 10  # as if another process had held the CPU while it was measured
+    assert peak.mfu(measured / 2) <= 1.0 and peak.flops > measured / 10  # a step outran it: measured again
+    assert peak.mfu(100 * measured) == 1.0  # the device ran that fast, so that is its peak
