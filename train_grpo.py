@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from nanodoge import checkpoint as ckpt, files, settings, training
 from nanodoge.engine import Engine
 from model import left_pad
-from nanodoge.post_training import step_indices, token_logprobs, evaluate_accuracy
+from nanodoge.post_training import step_indices, token_logprobs, evaluate_accuracy, load_policy
 from nanodoge.tokenizer import render_chat, extract_answer, normalize_answer
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
@@ -341,9 +341,7 @@ def main(argv=None):
     train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")
     test_examples = load_prompts(cfg.data_dir, "test.jsonl")[:cfg.eval_prompts]
     resuming = cfg.init_from == "resume"
-    if resuming and not ckpt.checkpoint_paths(cfg.out_dir):
-        raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
-    model, tok, checkpoint = ckpt.load_model(cfg.out_dir if resuming else cfg.init_from, run.device)
+    model, tok, checkpoint = load_policy(cfg, run.device)
     if resuming and checkpoint.get("stage") != "grpo":
         raise ValueError(f"{cfg.out_dir} holds a {checkpoint.get('stage')} checkpoint, not a GRPO one: "
                          "pass it as init_from to start GRPO from it")

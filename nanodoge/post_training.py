@@ -9,7 +9,7 @@ import functools
 import numpy as np
 import torch
 
-from nanodoge import checkpoint as ckpt, files
+from nanodoge import checkpoint as ckpt, files, training
 from nanodoge.engine import Engine
 from model import left_pad
 from nanodoge.tokenizer import load_tokenizer, render_chat, extract_answer, normalize_answer
@@ -127,10 +127,7 @@ def examples_per_micro_step(cfg, world_size):
 def load_policy(cfg, device):
     """(model, tokenizer, checkpoint to resume or None): init_from=resume continues this run from out_dir;
     anything else starts a new run (step 0, fresh optimizer) from the weights it names."""
-    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    if cfg.init_from == "resume" and not ckpt.checkpoint_paths(cfg.out_dir):
-        raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
-    model, tok, checkpoint = ckpt.load_model(source, device)
+    model, tok, checkpoint = ckpt.load_model(training.resume_dir(cfg) or cfg.init_from, device)
     return model, tok, checkpoint if cfg.init_from == "resume" else None
 
 # -----------------------------------------------------------------------------
