@@ -48,8 +48,7 @@ import torch
 from tqdm import tqdm
 
 from nanodoge import checkpoint as ckpt, dataset_rows, devices, files, settings
-from nanodoge.engine import Engine
-from model import left_pad
+from nanodoge.engine import generate_completions
 from nanodoge.post_training import evaluate_accuracy
 
 DEFAULTS = dict(
@@ -314,21 +313,19 @@ def stop_token_ids(tok, stops):
 def greedy_answers(model, tok, contexts, stops, max_new_tokens, batch_size):
     """Greedy continuations of the contexts, cut at the first stop string and stripped: lm-eval's generate_until
     (models/huggingface.py: the context keeps its last max_length - max_gen_toks tokens, the decoded text without
-    special tokens is cut at each stop string) and the remove_whitespace filter. Left-padded batches of similar
-    length through engine.Engine, which picks among the tokenizer's ids only (lm-eval's backend would also pick
+    special tokens is cut at each stop string) and the remove_whitespace filter. Batches of similar length
+    through engine.generate_completions, which picks among the tokenizer's ids only (lm-eval's backend would also pick
     the rows of a model's vocabulary padded beyond its tokenizer's)."""
     room = model.config.max_position_embeddings - max_new_tokens
     prompts = [ids[-room:] for ids in tok.encode_batch(contexts)]
     stop_ids = stop_token_ids(tok, stops)
-    device = model.lm_head.weight.device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", file=sys.stderr):
         chunk = order[start:start + batch_size]
-        idx, attention_mask = left_pad([prompts[i] for i in chunk], tok.eos_id, device)
-        out = Engine(model).generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids,
-                                     attention_mask=attention_mask, vocab_size=tok.vocab_size)
-        for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
+        rows = generate_completions(model, [prompts[i] for i in chunk], max_new_tokens, 0.0, stop_ids,
+                                    tok.vocab_size, tok.eos_id)
+        for i, row in zip(chunk, rows.tolist()):
             text = tok.decode([t for t in row if t not in tok.special_names])
             for stop in stops:
                 text = text.split(stop)[0]

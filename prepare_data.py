@@ -25,7 +25,6 @@ import multiprocessing
 import os
 import random
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -97,12 +96,11 @@ def is_local_file(source):
     return source.endswith((".txt", ".jsonl", ".json", ".parquet")) or os.path.exists(source)
 
 
-def hub_stream(name, path, config_name, split, flag, state=None):
-    """(rows, position) of a hub dataset, streamed from `state`; offline it fails in seconds with what to do."""
-    return dataset_rows.hub_stream(path, config_name, split, state=state, offline_hint=(
-        f"cannot reach the Hugging Face Hub for --{flag}={name}: offline, use the built-in default "
-        f"(plain `python prepare_data.py`) or pass a local file in the same schema, "
-        f"--{flag}=path/to/file.jsonl or .parquet"))
+def offline_hint(name, flag):
+    """What to do instead when --{flag}={name} names a hub dataset and the hub is out of reach."""
+    return (f"cannot reach the Hugging Face Hub for --{flag}={name}: offline, use the built-in default "
+            f"(plain `python prepare_data.py`) or pass a local file in the same schema, "
+            f"--{flag}=path/to/file.jsonl or .parquet")
 
 
 def source_rows(source, hub_table, flag, start=None):
@@ -112,9 +110,9 @@ def source_rows(source, hub_table, flag, start=None):
     if is_local_file(source):
         return counted(dataset_rows.local_rows(source, start or 0), start or 0, skipped=True)
     if source in hub_table:
-        return hub_stream(source, *hub_table[source][:3], flag, start)
+        return dataset_rows.hub_stream(*hub_table[source][:3], offline_hint(source, flag), start)
     if source.count("/") == 1:
-        return hub_stream(source, source, None, "train", flag, start)
+        return dataset_rows.hub_stream(source, None, "train", offline_hint(source, flag), start)
     raise ValueError(f"--{flag}={source} is neither a file nor a known name ({', '.join(hub_table)}) "
                      "nor a hub id owner/name")
 
@@ -172,7 +170,7 @@ def pretraining_documents(dataset, start=None):
         return (*mixed_documents(SMOLLM_MIX, start), f"smollm-mix {SMOLLM_MIX}", True)
     if dataset in PRETRAINING_HUB or dataset.count("/") == 1:
         path, config_name, split, column = PRETRAINING_HUB.get(dataset, (dataset, None, "train", "text"))
-        rows_, position = hub_stream(dataset, path, config_name, split, "dataset", start)
+        rows_, position = dataset_rows.hub_stream(path, config_name, split, offline_hint(dataset, "dataset"), start)
         return (text_of(row, dataset, column) for row in rows_), position, f"{path} ({config_name})", True
     raise ValueError(f"--dataset={dataset} is unknown: use shakespeare, {', '.join(PRETRAINING_HUB)}, smollm-mix, "
                      "a hub id, a .txt/.jsonl/.parquet file, or none (arithmetic is post-training data: "
@@ -499,7 +497,7 @@ def set_writers(stage, post_dir, partial, name, resume=None):
     a DPO set's chosen and rejected sides as two ragged sets, an SFT set's conversations as one; resume: their
     sync() states."""
     if stage == "grpo":
-        make, suffixes = JsonlWriter, [".jsonl"]
+        make, suffixes = files.JsonlWriter, [".jsonl"]
     else:
         make, suffixes = files.RaggedWriter, [".chosen", ".rejected"] if stage == "dpo" else [""]
     return [make(os.path.join(post_dir, name + suffix), os.path.join(partial, name + suffix), state)
@@ -518,44 +516,6 @@ def render_in_worker(stage_batch_and_position):
     else:
         rendered = [tk.render_chat(tok, example["messages"], add_generation_prompt=True) for _, example in batch]
     return batch, rendered, position
-
-
-class JsonlWriter:
-    """Rows to a .jsonl file as they come, and where each line starts (files.JsonlRows reads row i without
-    the rows before it), both written under `partial` (a .jsonl path) until finish() and then renamed into place;
-    a later JsonlWriter(path, partial, resume=sync()'s state) continues exactly where that state was taken."""
-
-    def __init__(self, path, partial, resume=None):
-        self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
-        self.file = open(partial, "r+b" if resume else "wb")
-        if resume:  # whatever was written after that state is dropped
-            self.file.truncate(resume["bytes"])
-            self.file.seek(0, os.SEEK_END)
-        self.lines = files.ArrayWriter(files.jsonl_index_path(path), files.jsonl_index_path(partial), np.int64,
-                                        resume=resume and resume["lines"])
-        if not resume:
-            self.lines.append([0])
-
-    def paths(self):
-        """The final paths of its files."""
-        return [self.path, self.lines.path]
-
-    def append(self, row):
-        self.file.write((json.dumps(row) + "\n").encode())
-        self.lines.append([self.file.tell()])
-
-    def sync(self):
-        """Flush the rows and the index to disk; returns the state to resume from."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        return {"bytes": self.file.tell(), "lines": self.lines.sync()}
-
-    def finish(self):
-        """Both files complete, under their unfinished names."""
-        self.sync()
-        self.file.close()
-        self.lines.finish()
 
 
 def render_pair(tok, prompt, chosen, rejected):

@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 
 from nanodoge import checkpoint as ckpt, devices, files, settings, training
-from nanodoge.engine import Engine
-from model import left_pad
-from nanodoge.post_training import step_indices, token_logprobs, evaluate_accuracy
+from nanodoge.engine import generate_completions
+from nanodoge.post_training import step_indices, token_logprobs, evaluate_accuracy, completion_texts, pad_examples, \
+    load_policy
 from nanodoge.tokenizer import render_chat, extract_answer, normalize_answer
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
@@ -234,32 +234,18 @@ def grpo_stats(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, epsil
 
 @torch.no_grad()
 def rollout(model, prompts, num_generations, max_completion_length, temperature, stop_ids, vocab_size):
-    """num_generations sampled completions of each prompt (token lists), all in one left-padded batch through
-    the KV-cached generator, of ids below vocab_size (the tokenizer's). Returns a list, per prompt, of [G, n]
-    completion tensors."""
-    device = next(model.parameters()).device
+    """num_generations sampled completions of each prompt (token lists), all in one batch through the KV-cached
+    generator. Returns a list, per prompt, of [G, n] completion tensors."""
+    repeated = [p for p in prompts for _ in range(num_generations)]
     pad_id = stop_ids[0]  # any id of the vocabulary: pads are masked
-    idx, attention_mask = left_pad([p for p in prompts for _ in range(num_generations)], pad_id, device)
-    out = Engine(model).generate(idx, max_completion_length, temperature=temperature, eos_token_id=stop_ids,
-                         attention_mask=attention_mask, vocab_size=vocab_size)
-    return list(out[:, idx.size(1):].split(num_generations))
-
-def decode_completions(tok, completions, mask, stop_ids):
-    """Text of each completion before its first stop token."""
-    texts = []
-    for row, row_mask in zip(completions.tolist(), mask.tolist()):
-        row = row[:sum(row_mask)]
-        texts.append(tok.decode(row[:-1] if row and row[-1] in stop_ids else row))
-    return texts
+    return list(generate_completions(model, repeated, max_completion_length, temperature, stop_ids, vocab_size,
+                                     pad_id).split(num_generations))
 
 def pad_sequences(prompts, completions, masks, pad_id, device):
     """Prompt + completion rows right-padded to one length ([N, L] ids), and the loss mask of each row's
     label positions ([N, L-1]: 1 where the label is a completion token before or at the first stop)."""
-    rows = [(p + c, [0] * len(p) + m) for p, c, m in zip(prompts, completions, masks)]
-    length = max(len(ids) for ids, _ in rows)
-    ids = torch.tensor([ids + [pad_id] * (length - len(ids)) for ids, _ in rows], device=device)
-    mask = torch.tensor([m + [0] * (length - len(m)) for _, m in rows], device=device)
-    return ids, mask[:, 1:]
+    ids, mask = pad_examples([(p + c, [0] * len(p) + m) for p, c, m in zip(prompts, completions, masks)], pad_id)
+    return ids.to(device), mask[:, 1:].to(device)
 
 def completion_logps(model, ids, temperature):
     """log pi(x_t | x_<t) for every label position t >= 1 of ids [N, L] -> [N, L-1], float32, under the
@@ -316,7 +302,7 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
             groups = rollout(model, prompts, cfg.eval_generations, cfg.max_completion_length, cfg.temperature,
                              stop_ids, tok.vocab_size)
     model.train()
-    texts = [t for group in groups for t in decode_completions(tok, group, completion_mask(group, stop_ids), stop_ids)]
+    texts = [t for group in groups for t in completion_texts(tok, group, stop_ids)]
     answers = [ex["answer"] for ex in examples for _ in range(cfg.eval_generations)]
     rewards, total = score(texts, answers, cfg.reward_weights)
     greedy = accuracy_reward(greedy_texts, [ex["answer"] for ex in examples])
@@ -342,9 +328,7 @@ def main(argv=None):
     train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")
     test_examples = load_prompts(cfg.data_dir, "test.jsonl")[:cfg.eval_prompts]
     resuming = cfg.init_from == "resume"
-    if resuming and not ckpt.checkpoint_paths(cfg.out_dir):
-        raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
-    model, tok, checkpoint = ckpt.load_model(cfg.out_dir if resuming else cfg.init_from, run.device)
+    model, tok, checkpoint = load_policy(cfg, run.device)
     if resuming and checkpoint.get("stage") != "grpo":
         raise ValueError(f"{cfg.out_dir} holds a {checkpoint.get('stage')} checkpoint, not a GRPO one: "
                          "pass it as init_from to start GRPO from it")
@@ -390,7 +374,7 @@ def main(argv=None):
             masks = [completion_mask(group, stop_ids) for group in groups]
 
             # 2. rewards (on the host: they read the decoded text) and group-relative advantages
-            texts = [t for group, mask in zip(groups, masks) for t in decode_completions(tok, group, mask, stop_ids)]
+            texts = [t for group in groups for t in completion_texts(tok, group, stop_ids)]
             answers = [ex["answer"] for ex in examples for _ in range(cfg.num_generations)]
             rewards, total_reward = score(texts, answers, cfg.reward_weights)
             all_rewards = total_reward.to(run.device)  # the step's, from every process (for the batch std and the log)

@@ -119,11 +119,10 @@ def main(argv=None):
     tok = load_tokenizer(cfg.data_dir)
     train_data = files.read_array(os.path.join(cfg.data_dir, "train.bin"))
     val_data = files.read_array(os.path.join(cfg.data_dir, "val.bin"))
-    checkpoint = training.resume_checkpoint(cfg)
-    if checkpoint is None and ckpt.is_checkpoint(cfg.init_from):
-        # continue another run with its optimizer and step, e.g. a stable-phase WSD checkpoint on new data
-        # with a new max_steps, so that only the final decay is new
-        checkpoint = ckpt.load_checkpoint(cfg.init_from)
+    # a checkpoint continues its run with its optimizer and step: this run's (init_from=resume), or another's,
+    # e.g. a stable-phase WSD checkpoint on new data with a new max_steps, so that only the final decay is new
+    source = training.resume_dir(cfg) or cfg.init_from
+    checkpoint = ckpt.load_checkpoint(source) if ckpt.is_checkpoint(source) else None
     model, checkpoint, grown = build_model(cfg, tok, checkpoint)
     model = model.to(run.device)
     if grown and run.master:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from nanodoge import devices
 from model import KVCache, apply_rope, attention_with_bias, check_generation, dynamic_mask, eos_tensor, \
-    next_tokens, rms_norm
+    left_pad, next_tokens, rms_norm
 
 STOP_CHECK_EVERY = 8  # decode steps between two host reads of the stop condition, on a GPU
 
@@ -148,3 +148,12 @@ class Engine:
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos_token_id,
                                         repetition_penalty, attention_mask, vocab_size))
         return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+def generate_completions(model, prompts, max_new_tokens, temperature, stop_ids, vocab_size, pad_id):
+    """The new tokens [B, n] after each prompt (token lists of any lengths, left-padded with pad_id into one
+    batch), of ids below vocab_size (the tokenizer's), each row ending at its first token of stop_ids: a row that
+    stopped before the others holds stop_ids[0] after its stop."""
+    idx, attention_mask = left_pad(prompts, pad_id, model.lm_head.weight.device)
+    out = Engine(model).generate(idx, max_new_tokens, temperature=temperature, eos_token_id=stop_ids,
+                                 attention_mask=attention_mask, vocab_size=vocab_size)
+    return out[:, idx.size(1):]

@@ -42,6 +42,21 @@ ARRAY_MAGIC, ARRAY_VERSION, HEADER_INTS = 20241211, 2, 256
 DTYPE_CODES = {np.dtype(np.uint16): 1, np.dtype(np.uint8): 2, np.dtype(np.int64): 3}
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
+def open_partial(partial, resume_bytes):
+    """The unfinished file of a resumable writer, open for appending: a new one, or (resume_bytes) the one a
+    sync() left, cut back to that many bytes (whatever was written after that state is dropped)."""
+    if resume_bytes is None:
+        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+        return open(partial, "wb")
+    file = open(partial, "r+b")
+    file.truncate(resume_bytes)
+    file.seek(0, os.SEEK_END)
+    return file
+
+def flush_to_disk(file):
+    file.flush()
+    os.fsync(file.fileno())
+
 class ArrayWriter:
     """An array file written in chunks, for arrays larger than memory: append() as the data is made, close()
     writes the header (count and largest value, known only then) and renames the file into place, so a reader
@@ -53,13 +68,8 @@ class ArrayWriter:
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"cannot store dtype {self.dtype} in {path}: use uint16, uint8 or int64")
         self.count, self.max = (resume["count"], resume["max"]) if resume else (0, 0)
-        if resume:  # whatever was written after that state is dropped
-            self.file = open(self.partial, "r+b")
-            self.file.truncate(HEADER_INTS * 4 + self.count * self.dtype.itemsize)
-            self.file.seek(0, os.SEEK_END)
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(self.partial)), exist_ok=True)
-            self.file = open(self.partial, "wb")
+        self.file = open_partial(self.partial, HEADER_INTS * 4 + self.count * self.dtype.itemsize if resume else None)
+        if not resume:
             self.file.write(bytes(HEADER_INTS * 4))  # the header's place; its count stays 0 until close()
 
     def append(self, array):
@@ -71,8 +81,7 @@ class ArrayWriter:
 
     def sync(self):
         """Flush the data to disk; returns the state to resume from."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        flush_to_disk(self.file)
         return {"count": self.count, "max": self.max}
 
     def finish(self):
@@ -225,6 +234,38 @@ class RaggedWriter:
 
 def jsonl_index_path(path):
     return f"{path[:-len('.jsonl')]}.lines.bin"
+
+class JsonlWriter:
+    """Rows to a .jsonl file as they come, and where each line starts (JsonlRows reads row i without the rows
+    before it), both written under `partial` (a .jsonl path) until finish() and then renamed into place; a later
+    JsonlWriter(path, partial, resume=sync()'s state) continues exactly where that state was taken."""
+
+    def __init__(self, path, partial, resume=None):
+        self.path = path
+        self.file = open_partial(partial, resume["bytes"] if resume else None)
+        self.lines = ArrayWriter(jsonl_index_path(path), jsonl_index_path(partial), np.int64,
+                                 resume=resume and resume["lines"])
+        if not resume:
+            self.lines.append([0])
+
+    def paths(self):
+        """The final paths of its files."""
+        return [self.path, self.lines.path]
+
+    def append(self, row):
+        self.file.write((json.dumps(row) + "\n").encode())
+        self.lines.append([self.file.tell()])
+
+    def sync(self):
+        """Flush the rows and the index to disk; returns the state to resume from."""
+        flush_to_disk(self.file)
+        return {"bytes": self.file.tell(), "lines": self.lines.sync()}
+
+    def finish(self):
+        """Both files complete, under their unfinished names."""
+        self.sync()
+        self.file.close()
+        self.lines.finish()
 
 class JsonlRows:
     """The rows of a .jsonl file that prepare_data.py wrote, read one at a time by index: opening it reads the

@@ -9,9 +9,8 @@ import functools
 import numpy as np
 import torch
 
-from nanodoge import checkpoint as ckpt, files
-from nanodoge.engine import Engine
-from model import left_pad
+from nanodoge import checkpoint as ckpt, files, training
+from nanodoge.engine import generate_completions
 from nanodoge.tokenizer import load_tokenizer, render_chat, extract_answer, normalize_answer
 
 # -----------------------------------------------------------------------------
@@ -41,7 +40,8 @@ def get_examples(ragged, indices, max_len):
             for i in indices]
 
 def pad_examples(examples, pad_id):
-    """ids and mask LongTensors [B, T], right-padded to the longest example; the mask is 0 on pads."""
+    """ids and mask LongTensors [B, T] of (ids, mask) pairs (arrays or lists), right-padded to the longest
+    example; the mask is 0 on pads."""
     length = max(len(ids) for ids, _ in examples)
     ids = np.full((len(examples), length), pad_id, dtype=np.int64)
     mask = np.zeros((len(examples), length), dtype=np.int64)
@@ -127,10 +127,7 @@ def examples_per_micro_step(cfg, world_size):
 def load_policy(cfg, device):
     """(model, tokenizer, checkpoint to resume or None): init_from=resume continues this run from out_dir;
     anything else starts a new run (step 0, fresh optimizer) from the weights it names."""
-    source = cfg.out_dir if cfg.init_from == "resume" else cfg.init_from
-    if cfg.init_from == "resume" and not ckpt.checkpoint_paths(cfg.out_dir):
-        raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
-    model, tok, checkpoint = ckpt.load_model(source, device)
+    model, tok, checkpoint = ckpt.load_model(training.resume_dir(cfg) or cfg.init_from, device)
     return model, tok, checkpoint if cfg.init_from == "resume" else None
 
 # -----------------------------------------------------------------------------
@@ -142,25 +139,27 @@ def token_logprobs(logits, labels):
     picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked - torch.logsumexp(logits, dim=-1)) * (labels >= 0)
 
+def completion_texts(tok, completions, stop_ids):
+    """The text of each completion (rows of token ids) before its first stop token."""
+    return [tok.decode(row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))])
+            for row in completions.tolist()]
+
 @torch.no_grad()
 def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
     """Greedy answers to chat prompts, scored by exact match of the <answer> content with example["answer"].
     Prompts go in left-padded batches of similar length. Returns (accuracy, completions)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     stop_ids = [tok.end_of_turn_id, tok.eos_id]
     prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions = [None] * len(examples)
     for start in range(0, len(by_length), batch_size):
         chunk = by_length[start:start + batch_size]
-        idx, attention_mask = left_pad([prompts[i] for i in chunk], tok.eos_id, device)
-        out = Engine(model).generate(idx, max_new_tokens, temperature=0.0, eos_token_id=stop_ids,
-                             attention_mask=attention_mask, vocab_size=tok.vocab_size)
-        for i, row in zip(chunk, out[:, idx.size(1):].tolist()):
-            row = row[:next((k for k, t in enumerate(row) if t in stop_ids), len(row))]
-            completions[i] = tok.decode(row)
+        rows = generate_completions(model, [prompts[i] for i in chunk], max_new_tokens, 0.0, stop_ids,
+                                    tok.vocab_size, tok.eos_id)
+        for i, text in zip(chunk, completion_texts(tok, rows, stop_ids)):
+            completions[i] = text
     model.train(was_training)
     correct = sum(extract_answer(c) == normalize_answer(str(ex["answer"]))
                   for c, ex in zip(completions, examples))

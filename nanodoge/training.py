@@ -116,13 +116,13 @@ def setup(cfg):
         os.makedirs(cfg.out_dir, exist_ok=True)
     return run
 
-def resume_checkpoint(cfg):
-    """The checkpoint a run continues from: the newest complete one in out_dir for init_from=resume."""
+def resume_dir(cfg):
+    """Where a run continues from, its newest complete checkpoint: out_dir for init_from=resume, None otherwise."""
     if cfg.init_from != "resume":
         return None
     if not ckpt.checkpoint_paths(cfg.out_dir):
         raise FileNotFoundError(f"init_from=resume but {cfg.out_dir} holds no complete checkpoint")
-    return ckpt.load_checkpoint(cfg.out_dir)
+    return cfg.out_dir
 
 def grad_accum_steps(batch_tokens, tokens_per_micro_batch, world_size):
     per_pass = tokens_per_micro_batch * world_size

@@ -1,9 +1,11 @@
 """engine.py: the same tokens as Doge.generate (greedy and sampled, padded batches, eos, penalties, top-k over
 keys), and the fused decode step against the model's full forward."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from nanodoge import engine as E
+from nanodoge import engine as E, post_training
 import model as M
 from nanodoge.engine import Engine
 
@@ -48,6 +50,21 @@ def test_engine_stops_where_the_model_stops(stop_check_every):
                                      eos_token_id=eos)
     assert reference.size(1) < free.size(1)
     assert torch.equal(fast, reference) and torch.equal(streamed, reference[:, 4:])
+
+def test_completions_are_the_new_tokens_and_their_text_ends_before_the_first_stop():
+    """generate_completions: Doge.generate's new tokens of left-padded prompts; completion_texts cuts each before
+    its first stop token (a row that stopped early holds stop_ids[0] after it)."""
+    model = make_model()
+    prompts = [torch.randperm(90)[:n].tolist() for n in (3, 7)]
+    idx, attention_mask = M.left_pad(prompts, pad_id=5)
+    free = model.generate(idx, 12, temperature=0.0, attention_mask=attention_mask, vocab_size=90)[:, 7:]
+    stop_ids = [int(free[0, 2]), int(free[1, 5])]
+    completions = E.generate_completions(model, prompts, 12, 0.0, stop_ids, 90, pad_id=5)
+    assert torch.equal(completions, model.generate(idx, 12, temperature=0.0, eos_token_id=stop_ids,
+                                                   attention_mask=attention_mask, vocab_size=90)[:, 7:])
+    before_stop = lambda row: row[:next(k for k, t in enumerate(row) if t in stop_ids)]
+    assert post_training.completion_texts(SimpleNamespace(decode=list), completions, stop_ids) == \
+        [before_stop(row) for row in free.tolist()]
 
 def teacher_forced_decode(model, seq, prompt_len):
     """Logits [B, T - prompt_len + 1, vocab] for positions prompt_len - 1 on: the prompt through hidden_states,
