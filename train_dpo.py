@@ -243,6 +243,7 @@ def main(argv=None):
     if start_step >= cfg.max_steps:
         print(f"already trained to max_steps={cfg.max_steps}")
     timer, timed_from = time.perf_counter(), start_step
+    autocast = devices.autocast(run.device, run.dtype)  # as nanoGPT's ctx: matmuls in dtype, weights in float32
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
             lr = training.lr_at(step, cfg)
@@ -255,7 +256,7 @@ def main(argv=None):
                 # DDP all-reduces the gradients in the last micro-step's backward only
                 skip_all_reduce = ddp and micro_step < grad_accum - 1
                 with model_to_call.no_sync() if skip_all_reduce else contextlib.nullcontext():
-                    with devices.autocast(run.device, run.dtype):  # DPO eq. 7 (plus RPO's NLL term)
+                    with autocast:  # DPO eq. 7 (plus RPO's NLL term)
                         loss, metrics = pair_loss(model_to_call, ids, mask, ref_chosen, ref_rejected, cfg.beta,
                                                   cfg.label_smoothing, cfg.loss_type, cfg.rpo_alpha)
                     # loss and metrics are means over this micro-batch's pairs; the micro-batches are equal in size,

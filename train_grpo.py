@@ -30,9 +30,9 @@ import torch.distributed as dist
 
 from nanodoge import checkpoint as ckpt, devices, files, settings, training
 from nanodoge.engine import generate_completions
-from nanodoge.post_training import step_indices, token_logprobs, evaluate_accuracy, completion_texts, pad_examples, \
-    load_policy
-from nanodoge.tokenizer import render_chat, extract_answer, normalize_answer
+from nanodoge.post_training import (step_indices, token_logprobs, evaluate_accuracy, completion_texts, pad_examples,
+                                    load_policy, chat_prompts)
+from nanodoge.tokenizer import extract_answer, normalize_answer
 
 try:  # LaTeX answers (NuminaMath) are compared symbolically when math_verify is installed
     import math_verify
@@ -181,7 +181,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
         return (per_token * mask).sum() / (num_sequences * max_completion_length)
     raise ValueError(f"loss_type must be dapo, grpo, bnpo or dr_grpo, got {loss_type!r}")
 
-def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, run, scaler):
+def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, run, scaler, autocast):
     """Accumulate the gradient of the step's GRPO loss over this process's completions ids [N, L] in
     micro-batches of cfg.batch_size rows; model is in DDP across several processes, which all-reduces the
     gradients in the last micro-batch's backward only. A micro-batch's loss is its part of the step's loss
@@ -197,7 +197,7 @@ def policy_backward(model, ids, mask, advantages, old_logps, ref_logps, cfg, run
     for k, rows in enumerate(micro_batches):
         skip_all_reduce = run.world_size > 1 and k < len(micro_batches) - 1
         with model.no_sync() if skip_all_reduce else contextlib.nullcontext():
-            with devices.autocast(run.device, run.dtype):
+            with autocast:
                 logps = completion_logps(model, ids[rows], cfg.temperature)
             loss = grpo_loss(logps, None if old_logps is None else old_logps[rows],
                              None if ref_logps is None else ref_logps[rows], advantages[rows], mask[rows],
@@ -339,7 +339,7 @@ def main(argv=None):
         reference = ckpt.load_model(start_from, run.device)[0] if resuming else copy.deepcopy(model)
         reference.requires_grad_(False).eval()
     stop_ids = [tok.end_of_turn_id, tok.eos_id]
-    test_prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in test_examples]
+    test_prompts = chat_prompts(tok, test_examples)
     prompts_per_rank = cfg.prompts_per_step // run.world_size
     if run.master:
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | {cfg.prompts_per_step} prompts "
@@ -354,6 +354,7 @@ def main(argv=None):
     training.truncate_log(run, log_path, lambda r: r["step"] < start_step or ("loss" not in r and r["step"] == start_step))
     if start_step == 0:  # the starting point every later number is compared with
         log_evaluation(run, cfg, log_path, 0, *evaluate(model, tok, test_examples, test_prompts, stop_ids, cfg, run))
+    autocast = devices.autocast(run.device, run.dtype)  # as nanoGPT's ctx: matmuls in dtype, weights in float32
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
             step_start = time.perf_counter()
@@ -364,9 +365,9 @@ def main(argv=None):
             # 1. rollouts: this process's share of the step's prompts, G completions each, from the current policy
             indices = step_indices(cfg.seed, step, cfg.prompts_per_step, len(train_examples))
             examples = [train_examples[i] for i in indices[run.rank * prompts_per_rank:(run.rank + 1) * prompts_per_rank]]
-            prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
+            prompts = chat_prompts(tok, examples)
             model.eval()
-            with devices.autocast(run.device, run.dtype):
+            with autocast:
                 groups = rollout(model, prompts, cfg.num_generations, cfg.max_completion_length, cfg.temperature,
                                  stop_ids, tok.vocab_size)
             model.train()
@@ -397,7 +398,7 @@ def main(argv=None):
             # num_iterations > 1 reuses them: the later updates' ratios to the sampling policy are clipped (eq. 3).
             # The reference's log-probs only with a KL term (beta > 0).
             def logps_of(policy):  # log-probs of every completion, in micro-batches, no gradient
-                with torch.no_grad(), devices.autocast(run.device, run.dtype):
+                with torch.no_grad(), autocast:
                     return torch.cat([completion_logps(policy, ids[i:i + cfg.batch_size], cfg.temperature)
                                       for i in range(0, ids.size(0), cfg.batch_size)])
             old_logps = logps_of(model) if cfg.num_iterations > 1 else None
@@ -406,7 +407,7 @@ def main(argv=None):
             for iteration in range(cfg.num_iterations):
                 # autocast forward, loss and backward in micro-batches (DDP all-reduces in the last one's backward)
                 loss, logps = policy_backward(model_to_call, ids, mask, advantages, old_logps, ref_logps, cfg, run,
-                                              scaler)
+                                              scaler, autocast)
                 clipped, kl = grpo_stats(logps, old_logps, ref_logps, advantages, mask, cfg.epsilon,
                                          cfg.epsilon_high)
                 scaler.unscale_(optimizer)  # the true gradients (float16: they were scaled up), for the clip

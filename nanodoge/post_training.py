@@ -133,6 +133,10 @@ def load_policy(cfg, device):
 # -----------------------------------------------------------------------------
 # log-probs and answer accuracy
 
+def chat_prompts(tok, examples):
+    """The token ids of each example's messages rendered as a chat up to the assistant's reply."""
+    return [render_chat(tok, example["messages"], add_generation_prompt=True)[0] for example in examples]
+
 def token_logprobs(logits, labels):
     """log p(labels[t] | logits[t]) per position, in float32; labels of -1 give 0 (mask them out anyway)."""
     logits = logits.float()
@@ -151,7 +155,7 @@ def evaluate_accuracy(model, tok, examples, max_new_tokens=96, batch_size=32):
     was_training = model.training
     model.eval()
     stop_ids = [tok.end_of_turn_id, tok.eos_id]
-    prompts = [render_chat(tok, ex["messages"], add_generation_prompt=True)[0] for ex in examples]
+    prompts = chat_prompts(tok, examples)
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     completions = [None] * len(examples)
     for start in range(0, len(by_length), batch_size):

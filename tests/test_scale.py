@@ -2,7 +2,6 @@
 tokens or a set of millions of conversations as on a small one. The large files are sparse (a valid header,
 zeros past the real content: seconds to make, no disk used), so what is measured is what the start does with
 the data's size, not how fast the disk is."""
-import json
 import os
 import shutil
 import time
