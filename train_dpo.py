@@ -243,6 +243,7 @@ def main(argv=None):
     if start_step >= cfg.max_steps:
         print(f"already trained to max_steps={cfg.max_steps}")
     timer, timed_from = time.perf_counter(), start_step
+    ids, mask, ref_chosen, ref_rejected = train_batch(start_step, 0)
     autocast = devices.autocast(run.device, run.dtype)  # as nanoGPT's ctx: matmuls in dtype, weights in float32
     with training.stop_requests() as stop_signal:
         for step in range(start_step, cfg.max_steps):
@@ -252,7 +253,6 @@ def main(argv=None):
             # the micro-steps queue work on the device and read nothing back: loss and metrics stay there
             sums = {}
             for micro_step in range(grad_accum):
-                ids, mask, ref_chosen, ref_rejected = train_batch(step, micro_step)
                 # DDP all-reduces the gradients in the last micro-step's backward only
                 skip_all_reduce = ddp and micro_step < grad_accum - 1
                 with model_to_call.no_sync() if skip_all_reduce else contextlib.nullcontext():
@@ -262,6 +262,9 @@ def main(argv=None):
                     # loss and metrics are means over this micro-batch's pairs; the micro-batches are equal in size,
                     # so each one's share of the step's means is 1/grad_accum of its own
                     loss, metrics = loss / grad_accum, {key: value / grad_accum for key, value in metrics.items()}
+                    # the next micro-batch, cut and copied (and its reference log-probs queued) while the device runs
+                    ids, mask, ref_chosen, ref_rejected = train_batch(*divmod(step * grad_accum + micro_step + 1,
+                                                                              grad_accum))
                     for key, share in dict(loss=loss.detach(), **metrics).items():
                         sums[key] = sums.get(key, 0.0) + share
                     if engine is None:
