@@ -1,5 +1,6 @@
 import os
 import sys
+import json
 
 import pytest
 
@@ -7,6 +8,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def log_records(out_dir, key=None):
+    """The records of a run's log.jsonl (those with `key`, if given)."""
+    return [r for r in map(json.loads, open(os.path.join(str(out_dir), "log.jsonl"))) if key is None or key in r]
 
 
 def write_bpe_tokenizer_json(directory, text, vocab_size):

@@ -19,6 +19,7 @@ import train_sft
 from model import Doge, DogeConfig
 from nanodoge.tokenizer import load_tokenizer
 from train_grpo import grpo_loss, group_advantages, completion_mask, accuracy_reward, format_reward
+from conftest import log_records
 
 # two completions of three tokens; the first has only two (its third position is after EOS)
 LOGPS = [[-1.0, -0.5, -2.0], [-0.2, -1.5, -0.7]]
@@ -218,10 +219,6 @@ def test_latex_answers_with_math_verify():
 # a short run on the arithmetic task
 
 SYSTEM = ["--device=cpu", "--dtype=float32"]
-
-
-def log_records(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
 @pytest.fixture(scope="module")

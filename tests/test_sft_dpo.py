@@ -19,6 +19,7 @@ import train_sft
 from model import Doge, DogeConfig
 from nanodoge.tokenizer import train_sentencepiece
 from train_dpo import dpo_loss, sequence_logprobs
+from conftest import log_records
 
 # -----------------------------------------------------------------------------
 # the DPO loss (Rafailov et al. 2023, eq. 7) on fixed vectors
@@ -211,10 +212,6 @@ def test_rpo_adds_the_chosen_replies_nll_per_token():
 MODEL = ["--hidden_size=64", "--intermediate_size=128", "--num_hidden_layers=2", "--num_attention_heads=2",
          "--num_key_value_heads=1", "--max_position_embeddings=256", "--keep_window_size=256"]
 SYSTEM = ["--device=cpu", "--dtype=float32", "--compile=False", "--log_interval=20"]  # the same on any CPU kind
-
-
-def log_records(out_dir):
-    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
 @pytest.fixture(scope="module")

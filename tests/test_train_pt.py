@@ -1,6 +1,5 @@
 """Pre-training: the schedule, exact resume, DDP == one process, DeepSpeed ZeRO-2, and one-line errors."""
 import os
-import json
 import shutil
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from nanodoge import checkpoint as ckpt, devices, files, settings, training
 import train_pt
 from model import Doge, DogeConfig
+from conftest import log_records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "--num_attention_heads=2",
@@ -25,10 +25,6 @@ TINY = ["--hidden_size=32", "--intermediate_size=64", "--num_hidden_layers=2", "
 @pytest.fixture(scope="module")
 def data_dir(tiny_data):
     return tiny_data["prose"]
-
-
-def log_records(out_dir, key="loss"):
-    return [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if key in r]
 
 
 def test_wsd_and_cosine_boundaries():
@@ -55,7 +51,7 @@ def test_resume_is_exact(data_dir, tmp_path, compile):
     # pretend the run died after step 3: drop the later checkpoint and resume from the step-3 one
     os.remove(f"{tmp_path}/split/ckpt_0000006.pt")
     train_pt.main(args + [f"--out_dir={tmp_path}/split", "--ckpt_interval=3", "--init_from=resume"])
-    full, split = log_records(f"{tmp_path}/full"), log_records(f"{tmp_path}/split")
+    full, split = log_records(f"{tmp_path}/full", "loss"), log_records(f"{tmp_path}/split", "loss")
     # the resumed run dropped the log records of the steps it redid: one trajectory, the uninterrupted one's
     assert [r["step"] for r in split] == [r["step"] for r in full] == [0, 1, 2, 3, 4, 5]
     assert [r["loss"] for r in full] == [r["loss"] for r in split]
@@ -113,7 +109,7 @@ def test_ddp_equals_one_process(data_dir, tmp_path):
     args = [f"--data_dir={data_dir}", "--max_steps=3", "--eval_interval=100"] + TINY
     train_pt.main(args + [f"--out_dir={tmp_path}/one"])
     torchrun(args + [f"--out_dir={tmp_path}/ddp"])
-    one, ddp = log_records(f"{tmp_path}/one"), log_records(f"{tmp_path}/ddp")
+    one, ddp = log_records(f"{tmp_path}/one", "loss"), log_records(f"{tmp_path}/ddp", "loss")
     for a, b in zip(one, ddp):
         assert abs(a["loss"] - b["loss"]) < 1e-5
 
@@ -124,7 +120,7 @@ def test_deepspeed_zero2_matches_ddp_and_resumes_exactly(data_dir, tmp_path):
     zero2 = ["--backend=deepspeed", "--zero_stage=2", "--ckpt_interval=2", "--keep_last=5"]
     torchrun(args + [f"--out_dir={tmp_path}/ddp"])
     torchrun(args + zero2 + [f"--out_dir={tmp_path}/zero2"])
-    ddp, ds = log_records(f"{tmp_path}/ddp"), log_records(f"{tmp_path}/zero2")
+    ddp, ds = log_records(f"{tmp_path}/ddp", "loss"), log_records(f"{tmp_path}/zero2", "loss")
     assert len(ds) == 3
     for a, b in zip(ddp, ds):
         assert abs(a["loss"] - b["loss"]) < 1e-4
@@ -137,7 +133,7 @@ def test_deepspeed_zero2_matches_ddp_and_resumes_exactly(data_dir, tmp_path):
     shutil.copytree(f"{tmp_path}/zero2", f"{tmp_path}/resumed")
     os.remove(f"{tmp_path}/resumed/ckpt_0000003.pt")
     torchrun(args + zero2 + [f"--out_dir={tmp_path}/resumed", "--init_from=resume"])
-    assert [r["loss"] for r in log_records(f"{tmp_path}/resumed")] == [r["loss"] for r in ds]
+    assert [r["loss"] for r in log_records(f"{tmp_path}/resumed", "loss")] == [r["loss"] for r in ds]
     resumed = ckpt.load_checkpoint(f"{tmp_path}/resumed")["model"]
     assert all(torch.equal(final[k], resumed[k]) for k in final)
 
