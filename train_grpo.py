@@ -347,7 +347,7 @@ def main(argv=None):
               f"{len(test_examples)} held out | {'on-policy' if cfg.num_iterations == 1 else f'{cfg.num_iterations} updates a step, clipped'}"
               f"{f' | KL to the reference, beta {cfg.beta}' if reference is not None else ''} | {run.device} {run.dtype}")
 
-    optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint if resuming else None)
+    optimizer, start_step = training.make_optimizer(cfg, run, model, checkpoint)
     model_to_call, scaler = training.ddp_model(run, model)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     # train records carry the step's index, evaluations the number of steps done before them
