@@ -1,12 +1,20 @@
+import getpass
 import os
 import sys
 import json
+import tempfile
 
 import pytest
 
 # hub calls fail at once instead of retrying for a minute (there is no network in CI)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# inductor's on-disk graph cache is keyed without the vector width it generated C++ for, which ATEN_CPU_CAPABILITY
+# sets: a kernel written for AVX-512's 16 floats, cached by a native run and compiled again for AVX2's 8 under
+# ATEN_CPU_CAPABILITY=avx2 (or the reverse), reads and writes past its buffers (a NaN loss, heap corruption).
+# One cache directory per value; subprocesses inherit it.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
