@@ -1,5 +1,5 @@
 """
-Speed of model.py (training) and engine.py (generation) against transformers' DogeForCausalLM, measured in
+Speed of model.py (training) and nanodoge/engine.py (generation) against transformers' DogeForCausalLM, measured in
 the same run: training-step tokens/s and MFU (fwd + bwd + AdamW) in float32 and, where the device computes it
 natively, under bfloat16 autocast, eagerly and with --compile; greedy generation tokens/s (batch 1) and time to
 first token for a long prompt. Each speed trick has its row beside the plain path it replaces: the chunked

@@ -3,7 +3,7 @@ The whole Doge architecture (SmallDoge, arXiv 2412.11834) in one file, numerical
 DogeForCausalLM: RMSNorm, RoPE, dynamic mask attention, gated MLP or cross-domain MoE, learnable residuals,
 KV-cached generation, and Hugging Face checkpoint load/save. Parameter names are the reference's, so a
 state_dict is a Hugging Face checkpoint as it is. Shapes: B batch, T query length, S key length, C hidden,
-H query heads, G key/value heads, D head dim. Fast generation for each device lives in engine.py.
+H query heads, G key/value heads, D head dim. Fast generation for each device lives in nanodoge/engine.py.
 """
 import os
 import re

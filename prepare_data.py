@@ -66,7 +66,7 @@ VAL_EVERY = 20  # every 20th document / example is held out (a deterministic 5% 
 HELD_OUT = {"sft": "sft_val", "dpo": "dpo_val", "grpo": "test"}  # each stage's held-out set
 SENTENCEPIECE_SAMPLE_CHARS = 50_000_000  # sentencepiece trains on the first 50 MB of a streamed corpus
 BATCH_CHARS = 50_000  # documents go to the workers in batches this long: under the 100k characters from which
-                      # tokenizer.py encodes with threads, so each worker encodes on one core
+                      # nanodoge/tokenizer.py encodes with threads, so each worker encodes on one core
 IN_FLIGHT = 4  # batches handed out per worker ahead of the writer: what bounds memory
 PROGRESS_SECONDS = 120  # a long pre-training set saves where it is this often, and a re-run resumes from there
 
