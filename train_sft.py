@@ -16,6 +16,7 @@ the tools it calls.
 import os
 import json
 import time
+import functools
 import contextlib
 
 import torch
@@ -117,13 +118,19 @@ def main(argv=None):
               f"{run.world_size} processes x {grad_accum} accumulation = {cfg.max_steps * examples_per_step / len(usable):.2f} "
               f"epochs | {run.device} {run.dtype}")
 
-    def train_batch(step, micro_step):
-        """This process's micro-batch of the step's examples (a pure function of (seed, step): exact resume on any
-        number of processes), and its weight: the step's loss is the mean over every assistant token of the global
-        batch, so a micro-batch's mean counts by its share of those tokens (one of short answers must not count as
-        much as one of long answers), times the processes, whose gradients DDP averages. Counted on the host."""
+    @functools.lru_cache(maxsize=2)  # the micro-steps of a step share them: counted once a step
+    def step_examples(step):
+        """The step's examples (a pure function of (seed, step): exact resume on any number of processes) and their
+        assistant-token counts."""
         indices = usable[step_indices(cfg.seed, step, examples_per_step, len(usable))]
-        counts = target_counts(train_set, indices, cfg.seq_len)
+        return indices, target_counts(train_set, indices, cfg.seq_len)
+
+    def train_batch(step, micro_step):
+        """This process's micro-batch of the step's examples, and its weight: the step's loss is the mean over every
+        assistant token of the global batch, so a micro-batch's mean counts by its share of those tokens (one of
+        short answers must not count as much as one of long answers), times the processes, whose gradients DDP
+        averages. Counted on the host."""
+        indices, counts = step_examples(step)
         mine = micro_batch(indices, micro_step, run.rank, run.world_size, cfg.batch_size)
         weight = float(micro_batch(counts, micro_step, run.rank, run.world_size, cfg.batch_size).sum() / counts.sum())
         weight *= run.world_size

@@ -60,9 +60,7 @@ def target_counts(ragged, indices, max_len):
 def usable_examples(prefixes, max_len):
     """Indices of the examples with a loss token within their first max_len tokens (on every side of a DPO pair):
     the others teach nothing. From the first targets prepare_data.py recorded, not a pass over the masks."""
-    usable = np.ones(len(files.first_targets(prefixes[0])), dtype=bool)
-    for prefix in prefixes:
-        usable &= np.asarray(files.first_targets(prefix)) < max_len
+    usable = np.logical_and.reduce([np.asarray(files.first_targets(prefix)) < max_len for prefix in prefixes])
     return np.flatnonzero(usable)
 
 def example_lengths(ragged, indices, max_len):
