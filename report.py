@@ -82,7 +82,9 @@ def numbers(out_dir):
                      "pass_at_k_before": pass_at_k[0], "pass_at_k_after": pass_at_k[1],
                      "accuracy_before": grpo_accuracy[0], "accuracy_after": grpo_accuracy[1],
                      "reward_before": grpo_reward[0], "reward_after": grpo_reward[1],
-                     "temperature": first["temperature"],
+                     "temperature": first["temperature"], "band": last["band"],
+                     # SFT's number (greedy answers to test.jsonl) on the GRPO model: the same held-out problems
+                     "sft_accuracy_after": grpo_accuracy[1],
                      "problems": len(first["sampled"]), "generations": first["generations"]}}
 
 @torch.no_grad()

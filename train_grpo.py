@@ -55,11 +55,12 @@ DEFAULTS = dict(
     epsilon=0.2, epsilon_high=None,  # the clip range [1 - epsilon, 1 + epsilon_high]; None: epsilon (DAPO's clip-higher)
     beta=0.0, use_bias_correction_kl=True,  # the KL term times the ratio pi/pi_old (TRL 1.16's default)
     num_iterations=1, scale_rewards="group",  # group | batch | none: the std advantages are divided by
+    advantage="group",  # group: GRPO's | rejection: rejection-sampling fine-tuning, the control GRPO is compared with
     mask_truncated_completions=False,  # True: a completion cut at max_completion_length (no stop token) adds no loss
     batch_size=16,  # completions per forward/backward pass (gradient accumulation over the step's completions)
     # optimizer and schedule
     max_steps=200, learning_rate=1e-6, schedule="wsd", warmup_ratio=0.0, decay_ratio=0.0, min_lr_rate=0.0,
-    decay_shape="linear", weight_decay=0.0, beta1=0.9, beta2=0.99, grad_clip=1.0,
+    decay_shape="linear", weight_decay=0.0, beta1=0.9, beta2=0.99, adam_eps=1e-8, grad_clip=1.0,
     # system
     seed=1337, device="auto", dtype="auto",
     deterministic="auto",  # auto | True | False: auto is on for compiled training on a CPU (training.resolve_deterministic)
@@ -133,6 +134,12 @@ def group_advantages(rewards, num_generations, scale_rewards="group"):
     elif scale_rewards != "none":
         raise ValueError(f"scale_rewards must be group, batch or none, got {scale_rewards!r}")
     return advantages.flatten()
+
+def rejection_advantages(rewards):
+    """Rejection-sampling fine-tuning as advantages (the control): A_i = r_i / mean(r) for rewards of 1 (right) or
+    0, so the step's loss is the cross-entropy of its right completions, per token of the step (their share of the
+    step's completions divided out), and nothing on the wrong ones: no baseline, no comparison within a group."""
+    return rewards / rewards.mean().clamp(min=1e-4)
 
 def completion_mask(completions, stop_ids):
     """1 on each completion's tokens up to and including its first stop token, 0 after it ([N, n] ints)."""
@@ -279,6 +286,10 @@ def check_config(cfg, world_size):
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the {world_size} processes")
     if cfg.scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be group, batch or none, got {cfg.scale_rewards!r}")
+    if cfg.advantage not in ("group", "rejection"):
+        raise ValueError(f"advantage must be group or rejection, got {cfg.advantage!r}")
+    if cfg.advantage == "rejection" and set(cfg.reward_weights) != {"accuracy"}:
+        raise ValueError("advantage=rejection keeps the right completions: set reward_weights={'accuracy': 1.0}")
     if cfg.num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
 
@@ -311,7 +322,18 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
     metrics = dict(accuracy=float(np.mean(greedy)), sampled_accuracy=sum(sampled) / (n * len(sampled)),
                    **{f"pass@{k}": float(np.mean(pass_at_k(sampled, n, k))) for k in ks},
                    reward=total.mean().item(), **{f"rewards/{name}": r.mean().item() for name, r in rewards.items()})
-    return metrics, dict(generations=n, temperature=cfg.temperature, greedy=[int(g) for g in greedy], sampled=sampled)
+    return metrics, dict(band=band(cfg, len(examples)), generations=n, temperature=cfg.temperature,
+                         greedy=[int(g) for g in greedy], sampled=sampled)
+
+def band(cfg, problems):
+    """The problems GRPO is judged on, in words (report.json's grpo.band): what the data dir's meta.json says it
+    holds, how many held-out problems, at which temperature."""
+    meta_path = os.path.join(cfg.data_dir, "meta.json")
+    prepared = json.load(open(meta_path)).get("settings", {}) if os.path.exists(meta_path) else {}
+    source = prepared.get("grpo", os.path.basename(os.path.normpath(cfg.data_dir)))
+    if source == "arithmetic":
+        source = f"{prepared['arithmetic_digits']}-digit {' '.join(prepared['arithmetic_ops'])} arithmetic"
+    return f"{source}: {problems} held-out problems (test.jsonl) sampled at temperature {cfg.temperature}"
 
 def log_evaluation(run, cfg, log_path, step, metrics, per_problem):
     """The evaluation's record in the log, and its per-problem counts in out_dir/eval_<step>.json (report.py's
@@ -384,7 +406,8 @@ def main(argv=None):
                 dist.all_gather(gathered, all_rewards)
                 all_rewards = torch.cat(gathered)
             mine = slice(run.rank * len(texts), (run.rank + 1) * len(texts))
-            advantages = group_advantages(all_rewards, cfg.num_generations, cfg.scale_rewards)[mine]
+            advantages = (group_advantages(all_rewards, cfg.num_generations, cfg.scale_rewards) if cfg.advantage == "group"
+                          else rejection_advantages(all_rewards))[mine]
             completion_tokens = sum(m.sum() for m in masks)
             if cfg.mask_truncated_completions:  # a completion that never stopped was cut short: no loss on it
                 stops = torch.tensor(stop_ids, device=run.device)

@@ -40,7 +40,7 @@ DEFAULTS = dict(
     batch_size=8, batch_examples=64, seq_len=2048,
     # optimizer and schedule; max_steps=-1 means `epochs` passes over the data (each one a fresh shuffle)
     epochs=2.0, max_steps=-1, learning_rate=8e-4, schedule="wsd", warmup_ratio=0.1, decay_ratio=0.1,
-    min_lr_rate=0.0, decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    min_lr_rate=0.0, decay_shape="linear", weight_decay=0.01, beta1=0.9, beta2=0.95, adam_eps=1e-8, grad_clip=1.0,
     # system
     seed=1337, device="auto", dtype="auto", backend="ddp", zero_stage=2,
     compile="auto",  # auto | True | False: auto compiles where it is faster (training.resolve_compile)

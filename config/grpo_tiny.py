@@ -13,11 +13,11 @@ data_dir = "data/arithmetic"
 
 prompts_per_step = 32  # 256 completions a step: fewer make a step's gradient mostly noise at this size
 num_generations = 8
-temperature = 0.5  # samples near the greedy answer, so their rewards compare what greedy decoding would do
+temperature = 1.0  # where RL has room: at 1 a sample is right much less often than one of 8 is (LOG.md, 2026-12-04)
 max_completion_length = 96
 reward_weights = {"accuracy": 1.0, "format": 1.0, "digits": 1.0}
 max_steps = 30
-learning_rate = 5e-5  # the model sits at the end of SFT's and DPO's decay: a larger rate unsettles it
+learning_rate = 1e-4  # at 3e-4 (Adam) held-out greedy and sampled accuracy fell; at 1e-4 they held (LOG.md)
 batch_size = 64
 
 eval_interval = 1000  # held-out numbers at the start and the end only

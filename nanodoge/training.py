@@ -145,7 +145,7 @@ def make_optimizer(cfg, run, model, checkpoint=None):
     """AdamW over the model's decay groups (fused on GPUs). Resuming, its state and the RNG state come back from
     the checkpoint. Returns (optimizer, the step to start from)."""
     optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.learning_rate,
-                                  betas=(cfg.beta1, cfg.beta2), fused=run.device.type == "cuda")
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=run.device.type == "cuda")
     if checkpoint is None:
         return optimizer, 0
     if "optimizer" in checkpoint:  # absent in a DeepSpeed run's file: its engine restores the optimizer

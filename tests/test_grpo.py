@@ -133,6 +133,30 @@ def test_group_advantages():
         group_advantages(rewards, num_generations=4, scale_rewards=True)
 
 
+def test_rejection_sampling_is_cross_entropy_on_the_right_completions():
+    """The control (advantage=rejection): the gradient of its dapo loss is that of the mean NLL of the right
+    completions' tokens (when the completions are equally long); the wrong ones get none."""
+    right = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    advantages = train_grpo.rejection_advantages(right)
+    assert advantages.tolist() == [2.0, 0.0, 0.0, 2.0]
+    logps = torch.tensor([[-1.0, -0.5], [-2.0, -0.1], [-0.3, -0.3], [-0.2, -1.2]], requires_grad=True)
+    grpo_loss(logps, None, None, advantages, torch.ones(4, 2, dtype=torch.int)).backward()
+    nll_of_right = -(logps[0].sum() + logps[3].sum()) / 4
+    assert torch.allclose(logps.grad, torch.autograd.grad(nll_of_right, logps)[0])
+    assert logps.grad[1:3].abs().sum() == 0
+    with pytest.raises(ValueError, match="reward_weights"):
+        train_grpo.check_config(SimpleNamespace(**{**train_grpo.DEFAULTS, "advantage": "rejection"}), 1)
+
+
+def test_adam_eps_reaches_the_optimizer():
+    """--adam_eps (a large one makes AdamW's step follow the gradient's size, a GRPO lever in LOG.md)."""
+    from nanodoge import training
+    cfg = SimpleNamespace(**{**train_grpo.DEFAULTS, "adam_eps": 1e-3})
+    optimizer, _ = training.make_optimizer(cfg, ONE_PROCESS, Doge(DogeConfig(vocab_size=32, hidden_size=16,
+        intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)))
+    assert optimizer.defaults["eps"] == 1e-3
+
+
 def test_tokens_after_eos_carry_no_loss():
     stop = [2, 3]
     completions = torch.tensor([[5, 6, 2, 2, 2], [7, 3, 9, 2, 4], [5, 5, 5, 5, 5]])
@@ -339,12 +363,14 @@ def test_offline_chain_runs_end_to_end(tmp_path):
     keys = {"pretrain": {"val_loss", "unigram_val_loss"}, "sft": {"accuracy_before", "accuracy_after"},
             "dpo": {"preference_accuracy_before", "preference_accuracy_after", "accuracy_after"},
             "grpo": {"accuracy_before", "accuracy_after", "reward_before", "reward_after", "sampled_accuracy_before",
-                     "sampled_accuracy_after"}}
+                     "sampled_accuracy_after", "sft_accuracy_after"}}
     for stage, names in keys.items():
         assert names <= set(report[stage]) and all(isinstance(report[stage][k], float) for k in names)
     grpo = report["grpo"]  # 4 samples of 2 problems: pass@1 (the sampled accuracy), pass@2 and pass@4
     assert (grpo["problems"], grpo["generations"]) == (2, 4) and set(grpo["pass_at_k_after"]) == {"1", "2", "4"}
     assert grpo["pass_at_k_before"]["1"] == grpo["sampled_accuracy_before"]
+    assert grpo["band"] == f"2-digit + - arithmetic: 2 held-out problems (test.jsonl) sampled at temperature {grpo['temperature']}"
+    assert grpo["sft_accuracy_after"] == grpo["accuracy_after"]  # SFT's test set is the one GRPO is judged on
     low, high = grpo["sampled_accuracy_ci"]
     assert -1 <= low <= high <= 1
     assert report["dpo"]["preference_accuracy_before"] == 0.0  # policy = reference before DPO: every reward 0
