@@ -51,6 +51,15 @@ def paired_bootstrap(before, after, generations, resamples=10_000, seed=0):
     low, high = np.percentile(change[draws].mean(axis=1), [2.5, 97.5])
     return [float(low), float(high)]
 
+def noise_floor(sampled, generations, resamples=10_000, seed=0):
+    """95% interval of the change in sampled accuracy that resampling alone gives: two samplings of the same,
+    unchanged model, each problem's right samples drawn twice from Binomial(generations, its share at step 0).
+    A change of the trained model inside it is not told apart from a second sampling seed."""
+    share = np.asarray(sampled) / generations
+    draws = np.random.default_rng(seed).binomial(generations, share, size=(2, resamples, len(share)))
+    low, high = np.percentile((draws[1] - draws[0]).mean(axis=1) / generations, [2.5, 97.5])
+    return [float(low), float(high)]
+
 def grpo_evaluations(out_dir):
     """The per-problem counts of GRPO's first and last evaluations (train_grpo.py's eval_<step>.json files)."""
     paths = sorted(glob.glob(os.path.join(out_dir, RUN_DIRS["grpo"], "eval_*.json")))
@@ -79,6 +88,7 @@ def numbers(out_dir):
                     "accuracy_after": grpo_accuracy[0]},
             "grpo": {"sampled_accuracy_before": sampled[0], "sampled_accuracy_after": sampled[1],
                      "sampled_accuracy_ci": paired_bootstrap(first["sampled"], last["sampled"], first["generations"]),
+                     "sampled_accuracy_noise_floor": noise_floor(first["sampled"], first["generations"]),
                      "pass_at_k_before": pass_at_k[0], "pass_at_k_after": pass_at_k[1],
                      "accuracy_before": grpo_accuracy[0], "accuracy_after": grpo_accuracy[1],
                      "reward_before": grpo_reward[0], "reward_after": grpo_reward[1],
@@ -138,6 +148,7 @@ def what_rl_did(g):
     reach = g["pass_at_k_after"][k] - g["pass_at_k_before"][k]
     moved = "stayed within a point" if abs(reach) < 0.01 else "rose" if reach > 0 else "fell"
     low, high = g["sampled_accuracy_ci"]
+    floor_low, floor_high = g["sampled_accuracy_noise_floor"]
     verdict = ("GRPO made the answers the model could already find more likely: it sharpened the policy."
                if low > 0 and gap[1] < gap[0] else
                "The interval of the change holds 0: this GRPO run did not measurably sharpen the policy "
@@ -145,7 +156,8 @@ def what_rl_did(g):
                "Sampled accuracy fell: this GRPO run made the policy worse.")
     return (f"What RL did: at temperature {g['temperature']}, the share of right samples went from "
             f"{g['sampled_accuracy_before']:.1%} to {g['sampled_accuracy_after']:.1%} (95% interval of the change "
-            f"{100 * low:+.1f} to {100 * high:+.1f} points), so the gap to greedy decoding went from "
+            f"{100 * low:+.1f} to {100 * high:+.1f} points; a second sampling of the unchanged model moves it by "
+            f"{100 * floor_low:+.1f} to {100 * floor_high:+.1f}), so the gap to greedy decoding went from "
             f"{100 * gap[0]:.1f} to {100 * gap[1]:.1f} points, while pass@{k} (a right answer among {k} samples) "
             f"{moved} ({g['pass_at_k_before'][k]:.1%} -> {g['pass_at_k_after'][k]:.1%}). {verdict} RL with a "
             "verifiable reward mostly sharpens: where it works, sampled accuracy climbs toward greedy accuracy "

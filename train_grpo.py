@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanodoge import checkpoint as ckpt, devices, files, settings, training
+from nanodoge import arithmetic, checkpoint as ckpt, devices, files, settings, training
 from nanodoge.engine import generate_completions
 from nanodoge.post_training import (step_indices, token_logprobs, evaluate_accuracy, completion_texts, pad_examples,
                                     load_policy, chat_prompts)
@@ -55,7 +55,7 @@ DEFAULTS = dict(
     epsilon=0.2, epsilon_high=None,  # the clip range [1 - epsilon, 1 + epsilon_high]; None: epsilon (DAPO's clip-higher)
     beta=0.0, use_bias_correction_kl=True,  # the KL term times the ratio pi/pi_old (TRL 1.16's default)
     num_iterations=1, scale_rewards="group",  # group | batch | none: the std advantages are divided by
-    advantage="group",  # group: GRPO's | rejection: rejection-sampling fine-tuning, the control GRPO is compared with
+    advantage="group",  # group: GRPO's | process: a per-line reward (arithmetic data) | rejection: the RFT control
     mask_truncated_completions=False,  # True: a completion cut at max_completion_length (no stop token) adds no loss
     batch_size=16,  # completions per forward/backward pass (gradient accumulation over the step's completions)
     # optimizer and schedule
@@ -111,6 +111,31 @@ def digits_reward(completions, answers):
 
 REWARD_FUNCTIONS = {"accuracy": accuracy_reward, "format": format_reward, "digits": digits_reward}
 
+def line_rewards(completion, reference):
+    """The process reward of an arithmetic completion (advantage="process"): [(end, reward)] per step, end the
+    character offset where the step ends, reward 1.0 if the step is right else 0.0. The steps are the lines of
+    <think>, then the answer. The first line restates the problem ("27+58"): right when its value is the
+    reference. Each later line is right when it is the line arithmetic.worked_solution writes there for the
+    restated problem, so a column is judged on what the completion set out to compute. The answer is right when
+    it matches the reference. A completion outside the format is one wrong step."""
+    think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
+    if FORMAT.fullmatch(completion) is None or think is None:
+        return [(len(completion), 0.0)]
+    lines = think.group(1).split("\n")
+    restated, working, restated_right = re.fullmatch(r"(\d+)([+*-])(\d+)", lines[0]), [], False
+    if restated:
+        a, op, b = int(restated[1]), restated[2], int(restated[3])
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        restated_right = normalize_answer(str(value)) == normalize_answer(str(reference))
+        if value >= 0 and (op != "*" or b < 10):  # the problems worked_solution writes out
+            working = arithmetic.worked_solution((op, a, b))[0].split("\n")
+    steps, end = [], think.start(1)
+    for k, line in enumerate(lines):
+        end += len(line) + (k < len(lines) - 1)  # a line ends with its newline; the last one before </think>
+        right = restated_right if k == 0 else k < len(working) and line == working[k]
+        steps.append((end, float(right)))
+    return steps + [(len(completion), float(answers_match(completion, reference)))]
+
 def score(completions, answers, reward_weights):
     """({name: rewards [N]}, total [N]) with total r_i = sum_k w_k * reward_k(o_i)."""
     rewards = {name: torch.tensor(REWARD_FUNCTIONS[name](completions, answers), dtype=torch.float32)
@@ -141,6 +166,38 @@ def rejection_advantages(rewards):
     step's completions divided out), and nothing on the wrong ones: no baseline, no comparison within a group."""
     return rewards / rewards.mean().clamp(min=1e-4)
 
+def process_advantages(steps, num_generations):
+    """Process supervision's advantages (DeepSeekMath section 4.1.3): each step's reward normalised by the mean and
+    std of every step reward in its group of num_generations completions, r~ = (r - mean) / (std + 1e-4), and a
+    token's advantage the sum of r~ over its own step and the steps after it. steps: per completion
+    [(end, reward)] (line_rewards). Returns per completion [(end, advantage)]: the advantage of its tokens up to end."""
+    advantages = []
+    for first in range(0, len(steps), num_generations):
+        group = steps[first:first + num_generations]
+        rewards = torch.tensor([r for completion in group for _, r in completion])
+        mean, std = rewards.mean(), (rewards.std() if len(rewards) > 1 else torch.zeros(()))
+        for completion in group:
+            normalised = [(r - mean.item()) / (std.item() + 1e-4) for _, r in completion]
+            to_go = np.cumsum(normalised[::-1])[::-1]  # the sum over this step and the ones after it
+            advantages.append([(end, float(a)) for (end, _), a in zip(completion, to_go)])
+    return advantages
+
+def token_advantages(tok, completions, step_advantages, stop_ids):
+    """[n] advantage per completion token (rows of ids [n]): that of the step in which the token's text ends
+    (each prefix decoded: a token's text may span a line end); the stop token and anything after it take the last
+    step's, as the answer's reward is the stop's too."""
+    rows = []
+    for row, steps in zip(completions.tolist(), step_advantages):
+        length = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
+        ends, k, values = [e for e, _ in steps], 0, []
+        for position in range(len(row)):
+            text_end = len(tok.decode(row[:position + 1])) if position < length else ends[-1]
+            while k < len(ends) - 1 and ends[k] < text_end:
+                k += 1
+            values.append(steps[k][1])
+        rows.append(values)
+    return rows
+
 def completion_mask(completions, stop_ids):
     """1 on each completion's tokens up to and including its first stop token, 0 after it ([N, n] ints)."""
     is_stop = torch.isin(completions, torch.tensor(stop_ids, device=completions.device))
@@ -151,7 +208,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
               max_completion_length=None, num_sequences=None, num_tokens=None, epsilon_high=None,
               use_bias_correction_kl=True):
     """The clipped surrogate of DeepSeekMath eq. 3 with the k3 KL estimator. logps, old_logps, ref_logps and
-    mask are per completion token [N, T], advantages [N]. Per token: rho = pi/pi_old,
+    mask are per completion token [N, T], advantages [N] (one a completion) or [N, T] (one a token: advantage=
+    "process"). Per token: rho = pi/pi_old,
     l = -min(rho*A, clip(rho, 1-eps, 1+eps_high)*A) + beta*kl, kl = pi_ref/pi - log(pi_ref/pi) - 1, times rho
     with use_bias_correction_kl (TRL 1.16's default: the estimate under pi_old's samples); eps_high = eps unless
     set (DAPO's clip-higher). old_logps None is the on-policy case (num_iterations = 1): pi_old is pi itself, so
@@ -165,7 +223,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, beta=0
     it dapo's formula. num_sequences and num_tokens are the step's totals over all micro-batches and processes
     (these rows' when None): the losses of any split into micro-batches then add up to the step's loss."""
     ratio = torch.exp(logps - (logps.detach() if old_logps is None else old_logps))
-    advantages = advantages.unsqueeze(1)
+    advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
     if old_logps is None:
         per_token = -ratio * advantages
     else:
@@ -227,7 +285,8 @@ def grpo_stats(logps, old_logps, ref_logps, advantages, mask, epsilon=0.2, epsil
     clipped = torch.zeros((), device=mask.device)
     if old_logps is not None:
         epsilon_high = epsilon if epsilon_high is None else epsilon_high
-        ratio, advantages = torch.exp(logps - old_logps), advantages.unsqueeze(1)
+        ratio = torch.exp(logps - old_logps)
+        advantages = advantages if advantages.dim() == 2 else advantages.unsqueeze(1)
         clipped = ((((ratio < 1 - epsilon) & (advantages < 0)) | ((ratio > 1 + epsilon_high) & (advantages > 0)))
                    .float() * mask).sum() / tokens
     kl = torch.zeros((), device=mask.device)
@@ -250,7 +309,8 @@ def rollout(model, prompts, num_generations, max_completion_length, temperature,
 
 def pad_sequences(prompts, completions, masks, pad_id, device):
     """Prompt + completion rows right-padded to one length ([N, L] ids), and the loss mask of each row's
-    label positions ([N, L-1]: 1 where the label is a completion token before or at the first stop)."""
+    label positions ([N, L-1]: 1 where the label is a completion token before or at the first stop; per-token
+    values in place of masks come out in the same layout)."""
     ids, mask = pad_examples([(p + c, [0] * len(p) + m) for p, c, m in zip(prompts, completions, masks)], pad_id)
     return ids.to(device), mask[:, 1:].to(device)
 
@@ -286,8 +346,8 @@ def check_config(cfg, world_size):
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of the {world_size} processes")
     if cfg.scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be group, batch or none, got {cfg.scale_rewards!r}")
-    if cfg.advantage not in ("group", "rejection"):
-        raise ValueError(f"advantage must be group or rejection, got {cfg.advantage!r}")
+    if cfg.advantage not in ("group", "rejection", "process"):
+        raise ValueError(f"advantage must be group, rejection or process, got {cfg.advantage!r}")
     if cfg.advantage == "rejection" and set(cfg.reward_weights) != {"accuracy"}:
         raise ValueError("advantage=rejection keeps the right completions: set reward_weights={'accuracy': 1.0}")
     if cfg.num_iterations < 1:
@@ -325,11 +385,15 @@ def evaluate(model, tok, examples, prompts, stop_ids, cfg, run):
     return metrics, dict(band=band(cfg, len(examples)), generations=n, temperature=cfg.temperature,
                          greedy=[int(g) for g in greedy], sampled=sampled)
 
+def prepared_settings(data_dir):
+    """The prepare_data.py settings the data dir's meta.json records ({} without one)."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    return json.load(open(meta_path)).get("settings", {}) if os.path.exists(meta_path) else {}
+
 def band(cfg, problems):
     """The problems GRPO is judged on, in words (report.json's grpo.band): what the data dir's meta.json says it
     holds, how many held-out problems, at which temperature."""
-    meta_path = os.path.join(cfg.data_dir, "meta.json")
-    prepared = json.load(open(meta_path)).get("settings", {}) if os.path.exists(meta_path) else {}
+    prepared = prepared_settings(cfg.data_dir)
     source = prepared.get("grpo", os.path.basename(os.path.normpath(cfg.data_dir)))
     if source == "arithmetic":
         source = f"{prepared['arithmetic_digits']}-digit {' '.join(prepared['arithmetic_ops'])} arithmetic"
@@ -347,6 +411,9 @@ def main(argv=None):
     settings.require_prepared(cfg.data_dir, argv, offline_dir="data/arithmetic")
     run = training.setup(cfg)
     check_config(cfg, run.world_size)
+    if cfg.advantage == "process" and prepared_settings(cfg.data_dir).get("grpo") != "arithmetic":
+        raise ValueError(f"advantage=process checks the lines of arithmetic worked solutions: {cfg.data_dir} does not "
+                         "hold the arithmetic curriculum (prepare_data.py --grpo=arithmetic)")
     train_examples = load_prompts(cfg.data_dir, "grpo_train.jsonl")
     test_examples = load_prompts(cfg.data_dir, "test.jsonl")[:cfg.eval_prompts]
     resuming = cfg.init_from == "resume"
@@ -406,15 +473,25 @@ def main(argv=None):
                 dist.all_gather(gathered, all_rewards)
                 all_rewards = torch.cat(gathered)
             mine = slice(run.rank * len(texts), (run.rank + 1) * len(texts))
-            advantages = (group_advantages(all_rewards, cfg.num_generations, cfg.scale_rewards) if cfg.advantage == "group"
-                          else rejection_advantages(all_rewards))[mine]
+            if cfg.advantage == "process":  # per token: the sum of the normalised rewards of its line and the later ones
+                steps = [line_rewards(text, answer) for text, answer in zip(texts, answers)]
+                line_accuracy = np.mean([r for completion in steps for _, r in completion[:-1]] or [0.0])
+                step_advantages, g = process_advantages(steps, cfg.num_generations), cfg.num_generations
+                per_token = [row for p, group in enumerate(groups)
+                             for row in token_advantages(tok, group, step_advantages[p * g:(p + 1) * g], stop_ids)]
+            else:
+                advantages = (group_advantages(all_rewards, cfg.num_generations, cfg.scale_rewards)
+                              if cfg.advantage == "group" else rejection_advantages(all_rewards))[mine]
             completion_tokens = sum(m.sum() for m in masks)
             if cfg.mask_truncated_completions:  # a completion that never stopped was cut short: no loss on it
                 stops = torch.tensor(stop_ids, device=run.device)
                 masks = [m * torch.isin(group, stops).any(dim=1, keepdim=True) for group, m in zip(groups, masks)]
-            ids, mask = pad_sequences([p for p in prompts for _ in range(cfg.num_generations)],
-                                      [row for group in groups for row in group.tolist()],
-                                      [row for m in masks for row in m.tolist()], tok.eos_id, run.device)
+            repeated = [p for p in prompts for _ in range(cfg.num_generations)]
+            completions = [row for group in groups for row in group.tolist()]
+            ids, mask = pad_sequences(repeated, completions, [row for m in masks for row in m.tolist()], tok.eos_id,
+                                      run.device)
+            if cfg.advantage == "process":  # [N, L-1], laid out as the mask is
+                advantages = pad_sequences(repeated, completions, per_token, tok.eos_id, run.device)[1].float()
 
             # 3. the update. On-policy (num_iterations = 1, the default): one gradient step on the completions the
             # policy just sampled, pi_old = pi, so no old log-probs, ratio or clip (grpo_loss with old_logps None).
@@ -459,6 +536,8 @@ def main(argv=None):
                               rollout_tokens_per_s=float(completion_tokens) / rollout_seconds, step_seconds=seconds)
                 for name, r in rewards.items():
                     record[f"rewards/{name}/mean"], record[f"rewards/{name}/std"] = r.mean().item(), r.std().item()
+                if cfg.advantage == "process":
+                    record["line_accuracy"] = float(line_accuracy)  # the share of right think lines
                 per_function = "".join(f" | {name} {r.mean().item():.3f}" for name, r in rewards.items())
                 training.log(run, log_path, record, f"step {step} | loss {means['loss']:.4f} | reward "
                              f"{record['reward']:.3f} ± {record['reward_std']:.3f}{per_function} | length "
@@ -474,7 +553,7 @@ def main(argv=None):
             if stopping:
                 print(f"stopped by signal {stop_signal[0]} after step {step}; resume with --init_from=resume")
                 break
-    if run.master and not stop_signal:
+    if run.master and not stop_signal and cfg.max_steps > 0:  # --max_steps=0 evaluates the starting model only
         training.export(cfg)
     if run.world_size > 1:
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ from nanodoge import tokenizer as tk
 
 
 SPLIT_SIZES = {"test": 500, "sft_val": 200, "dpo_val": 100,  # held out: unique, disjoint from all training
-               "sft_train": 5000, "dpo_train": 1500, "grpo_train": 500}
+               "sft_train": 5000, "dpo_train": 1500, "grpo_train": 4000}  # GRPO: a fresh prompt a rollout
 NAMES = ["Ann", "Ben", "Maya", "Leo", "Sara", "Omar", "Lily", "Tom"]
 ITEMS = ["apples", "books", "coins", "marbles", "stickers", "pencils", "shells", "cards"]
 TEMPLATES = {
@@ -159,6 +159,6 @@ def arithmetic_sets(seed, digits, ops):
         sets[split] = [prompt(p) + [{"role": "assistant", "content": correct(p)}] for p in problems[split]]
     for split in ("dpo_train", "dpo_val"):
         sets[split] = [(prompt(p), correct(p), format_solution(*wrong_solution(p, rng))) for p in problems[split]]
-    for split in ("grpo_train", "test"):
+    for split in ("test", "grpo_train"):  # test phrased first: its questions do not change with grpo_train's size
         sets[split] = [{"messages": prompt(p), "answer": str(worked_solution(p)[1])} for p in problems[split]]
     return sets

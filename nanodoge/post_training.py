@@ -40,11 +40,11 @@ def get_examples(ragged, indices, max_len):
             for i in indices]
 
 def pad_examples(examples, pad_id):
-    """ids and mask LongTensors [B, T] of (ids, mask) pairs (arrays or lists), right-padded to the longest
-    example; the mask is 0 on pads."""
+    """ids and mask tensors [B, T] of (ids, mask) pairs (arrays or lists), right-padded to the longest
+    example; the mask is 0 on pads, int64 (float64 if a mask holds floats: GRPO's per-token advantages)."""
     length = max(len(ids) for ids, _ in examples)
     ids = np.full((len(examples), length), pad_id, dtype=np.int64)
-    mask = np.zeros((len(examples), length), dtype=np.int64)
+    mask = np.zeros((len(examples), length), dtype=np.result_type(np.int64, *(np.asarray(m).dtype for _, m in examples)))
     for row, (example_ids, example_mask) in enumerate(examples):
         ids[row, :len(example_ids)] = example_ids
         mask[row, :len(example_mask)] = example_mask
