@@ -111,31 +111,6 @@ def digits_reward(completions, answers):
 
 REWARD_FUNCTIONS = {"accuracy": accuracy_reward, "format": format_reward, "digits": digits_reward}
 
-def line_rewards(completion, reference):
-    """The process reward of an arithmetic completion (advantage="process"): [(end, reward)] per step, end the
-    character offset where the step ends, reward 1.0 if the step is right else 0.0. The steps are the lines of
-    <think>, then the answer. The first line restates the problem ("27+58"): right when its value is the
-    reference. Each later line is right when it is the line arithmetic.worked_solution writes there for the
-    restated problem, so a column is judged on what the completion set out to compute. The answer is right when
-    it matches the reference. A completion outside the format is one wrong step."""
-    think = re.search(r"<think>(.*?)</think>", completion, re.DOTALL)
-    if FORMAT.fullmatch(completion) is None or think is None:
-        return [(len(completion), 0.0)]
-    lines = think.group(1).split("\n")
-    restated, working, restated_right = re.fullmatch(r"(\d+)([+*-])(\d+)", lines[0]), [], False
-    if restated:
-        a, op, b = int(restated[1]), restated[2], int(restated[3])
-        value = a + b if op == "+" else a - b if op == "-" else a * b
-        restated_right = normalize_answer(str(value)) == normalize_answer(str(reference))
-        if value >= 0 and (op != "*" or b < 10):  # the problems worked_solution writes out
-            working = arithmetic.worked_solution((op, a, b))[0].split("\n")
-    steps, end = [], think.start(1)
-    for k, line in enumerate(lines):
-        end += len(line) + (k < len(lines) - 1)  # a line ends with its newline; the last one before </think>
-        right = restated_right if k == 0 else k < len(working) and line == working[k]
-        steps.append((end, float(right)))
-    return steps + [(len(completion), float(answers_match(completion, reference)))]
-
 def score(completions, answers, reward_weights):
     """({name: rewards [N]}, total [N]) with total r_i = sum_k w_k * reward_k(o_i)."""
     rewards = {name: torch.tensor(REWARD_FUNCTIONS[name](completions, answers), dtype=torch.float32)
@@ -170,7 +145,7 @@ def process_advantages(steps, num_generations):
     """Process supervision's advantages (DeepSeekMath section 4.1.3): each step's reward normalised by the mean and
     std of every step reward in its group of num_generations completions, r~ = (r - mean) / (std + 1e-4), and a
     token's advantage the sum of r~ over its own step and the steps after it. steps: per completion
-    [(end, reward)] (line_rewards). Returns per completion [(end, advantage)]: the advantage of its tokens up to end."""
+    [(end, reward)] (arithmetic.line_rewards). Returns per completion [(end, advantage)]: the advantage of its tokens up to end."""
     advantages = []
     for first in range(0, len(steps), num_generations):
         group = steps[first:first + num_generations]
@@ -474,7 +449,7 @@ def main(argv=None):
                 all_rewards = torch.cat(gathered)
             mine = slice(run.rank * len(texts), (run.rank + 1) * len(texts))
             if cfg.advantage == "process":  # per token: the sum of the normalised rewards of its line and the later ones
-                steps = [line_rewards(text, answer) for text, answer in zip(texts, answers)]
+                steps = [arithmetic.line_rewards(text, answer) for text, answer in zip(texts, answers)]
                 line_accuracy = np.mean([r for completion in steps for _, r in completion[:-1]] or [0.0])
                 step_advantages, g = process_advantages(steps, cfg.num_generations), cfg.num_generations
                 per_token = [row for p, group in enumerate(groups)

@@ -7,6 +7,7 @@ dropped, else a column off by one) that is consistent with its wrong answer. Hel
 dpo_val) are unique and disjoint from every training split, in either operand order. prepare_data.py renders
 these examples with the chat template and writes them.
 """
+import re
 import random
 
 from nanodoge import tokenizer as tk
@@ -113,6 +114,33 @@ def wrong_solution(problem, rng):
         if wrong_answer != answer:
             return wrong_steps, wrong_answer
     raise AssertionError(f"no plausible mistake for {problem}")
+
+
+def line_rewards(completion, reference):
+    """The process reward of a completion (GRPO's advantage="process"): [(end, reward)] per step, end the
+    character offset where the step ends, reward 1.0 if the step is right else 0.0. The steps are the lines of
+    <think>, then the answer. The first line restates the problem ("27+58"): right when its value is the
+    reference. Each later line is right when it is the line worked_solution writes there for the restated
+    problem, so a column is judged on what the completion set out to compute. The answer is right when it is the
+    reference. A completion that is not <think>...</think><answer>...</answer> is one wrong step."""
+    match = re.fullmatch(r"\s*<think>(.+?)</think>\s*<answer>([^<]+)</answer>\s*", completion, re.DOTALL)
+    if match is None:
+        return [(len(completion), 0.0)]
+    reference = tk.normalize_answer(str(reference))
+    lines = match.group(1).split("\n")
+    restated, working, restated_right = re.fullmatch(r"(\d+)([+*-])(\d+)", lines[0]), [], False
+    if restated:
+        a, op, b = int(restated[1]), restated[2], int(restated[3])
+        value = a + b if op == "+" else a - b if op == "-" else a * b
+        restated_right = str(value) == reference
+        if value >= 0 and (op != "*" or b < 10):  # the problems worked_solution writes out
+            working = worked_solution((op, a, b))[0].split("\n")
+    steps, end = [], match.start(1)
+    for k, line in enumerate(lines):
+        end += len(line) + (k < len(lines) - 1)  # a line ends with its newline; the last one before </think>
+        right = restated_right if k == 0 else k < len(working) and line == working[k]
+        steps.append((end, float(right)))
+    return steps + [(len(completion), float(tk.normalize_answer(match.group(2)) == reference))]
 
 
 def format_solution(steps, answer):

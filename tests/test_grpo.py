@@ -154,17 +154,18 @@ def test_process_reward_scores_each_line_of_hand_made_solutions():
     restated, stay right; a column slip is wrong there and after; outside the format, one wrong step."""
     from nanodoge import arithmetic
     right = arithmetic.format_solution(*arithmetic.worked_solution(("+", 27, 58)))
-    assert [r for _, r in train_grpo.line_rewards(right, "85")] == [1, 1, 1, 1, 1]
-    ends = [e for e, _ in train_grpo.line_rewards(right, "85")]
+    assert [r for _, r in arithmetic.line_rewards(right, "85")] == [1, 1, 1, 1, 1]
+    ends = [e for e, _ in arithmetic.line_rewards(right, "85")]
     assert [right[:e] for e in ends[:2]] == ["<think>27+58\n", "<think>27+58\n7+8=15, write 5, carry 1\n"]
     assert ends[-1] == len(right)
     dropped = arithmetic.format_solution(*arithmetic.worked_solution(("+", 27, 58), ("drop", 0)))
-    assert [r for _, r in train_grpo.line_rewards(dropped, "85")] == [1, 0, 0, 0, 0]  # column 1 drops its carry
+    assert [r for _, r in arithmetic.line_rewards(dropped, "85")] == [1, 0, 0, 0, 0]  # column 1 drops its carry
     restated = arithmetic.format_solution(*arithmetic.worked_solution(("+", 27, 59)))
-    assert [r for _, r in train_grpo.line_rewards(restated, "85")] == [0, 1, 1, 1, 0]
+    assert [r for _, r in arithmetic.line_rewards(restated, "85")] == [0, 1, 1, 1, 0]
     slip = arithmetic.format_solution(*arithmetic.worked_solution(("-", 52, 17), ("slip", 1, 1)))
-    assert [r for _, r in train_grpo.line_rewards(slip, "35")] == [1, 1, 0, 0, 0]
-    assert train_grpo.line_rewards("<answer>85</answer>", "85") == [(19, 0.0)]
+    assert [r for _, r in arithmetic.line_rewards(slip, "35")] == [1, 1, 0, 0, 0]
+    assert arithmetic.line_rewards("<answer>85</answer>", "85") == [(19, 0.0)]
+    assert arithmetic.line_rewards("<think>27+58</think><answer>85</answer>", "85") == [(12, 1.0), (39, 1.0)]
 
 
 def test_process_advantages_follow_deepseekmath():

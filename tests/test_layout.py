@@ -109,7 +109,8 @@ def test_each_training_script_writes_its_step_on_the_page():
     """Every part of an optimizer step is written in the stage's loop, in the order it runs: the learning rate set
     on the optimizer, autocast, the forward and its loss, the backward through the scaler, the unscale, clip,
     optimizer step, scaler update and zero_grad (and DeepSpeed's own calls where it takes over); the step reaches
-    at most three project modules besides the model."""
+    at most three project modules besides the model (GRPO four: its rollouts' engine, and the curriculum's
+    line checker for the process reward)."""
     for script in TRAINING_SCRIPTS:
         source = open(source_path(script)).read()
         tree = ast.parse(source)
@@ -123,7 +124,7 @@ def test_each_training_script_writes_its_step_on_the_page():
         if script != "train_grpo":  # ZeRO trains the three stages that take --backend=deepspeed
             assert "engine.backward(" in step and "engine.step()" in step, script
         reached = modules_reached(source, tree, step_statements(source, tree)) - {"model"}
-        assert len(reached) <= 3, (script, sorted(reached))
+        assert len(reached) <= (4 if script == "train_grpo" else 3), (script, sorted(reached))
 
 
 def test_deepspeed_is_imported_only_with_backend_deepspeed():
