@@ -149,10 +149,10 @@ def process_advantages(steps, num_generations):
     advantages = []
     for first in range(0, len(steps), num_generations):
         group = steps[first:first + num_generations]
-        rewards = torch.tensor([r for completion in group for _, r in completion])
-        mean, std = rewards.mean(), (rewards.std() if len(rewards) > 1 else torch.zeros(()))
+        rewards = np.array([r for completion in group for _, r in completion])
+        mean, std = rewards.mean(), (rewards.std(ddof=1) if len(rewards) > 1 else 0.0)  # Bessel, as group_advantages
         for completion in group:
-            normalised = [(r - mean.item()) / (std.item() + 1e-4) for _, r in completion]
+            normalised = (np.array([r for _, r in completion]) - mean) / (std + 1e-4)
             to_go = np.cumsum(normalised[::-1])[::-1]  # the sum over this step and the ones after it
             advantages.append([(end, float(a)) for (end, _), a in zip(completion, to_go)])
     return advantages
